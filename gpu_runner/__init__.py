@@ -1,0 +1,1 @@
+"""boothd gpu_runner package."""

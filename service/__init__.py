@@ -1,0 +1,1 @@
+"""boothd service package."""
