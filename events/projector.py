@@ -53,6 +53,12 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant, created_at DESC, job_id DESC);
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority, created_at);
+CREATE TABLE IF NOT EXISTS artifacts (
+    artifact_id TEXT PRIMARY KEY,
+    job_id      TEXT NOT NULL,
+    tenant      TEXT NOT NULL,
+    kind        TEXT NOT NULL
+);
 """
 
 TRACKING_NAME = "jobs"
@@ -72,6 +78,13 @@ def _row(state: JobState) -> tuple[Any, ...]:
         state.position,
         state.model_dump_json(),
     )
+
+
+def _artifact_rows(state: JobState) -> list[tuple[str, str, str, str]]:
+    """Checkpoint and image ids of a job, so downloads find their job by id."""
+    return [(c.id, state.id, state.tenant, "checkpoint") for c in state.checkpoints] + [
+        (i.id, state.id, state.tenant, "image") for i in state.images
+    ]
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
@@ -172,6 +185,10 @@ class JobProjector:
                     "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [_row(s) for s in changed.values()],
                 )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?)",
+                    [row for s in changed.values() for row in _artifact_rows(s)],
+                )
             set_tracking(conn, TRACKING_NAME, up_to)
             return changed
 
@@ -210,6 +227,7 @@ async def rebuild_job_read_model(store: SQLiteEventStore, batch_size: int = 2000
 
     def reset(conn: sqlite3.Connection) -> None:
         conn.execute("DROP TABLE IF EXISTS jobs")
+        conn.execute("DROP TABLE IF EXISTS artifacts")
         conn.execute("DELETE FROM tracking WHERE name = ?", (TRACKING_NAME,))
         ensure_schema(conn)
 
@@ -219,9 +237,11 @@ async def rebuild_job_read_model(store: SQLiteEventStore, batch_size: int = 2000
 
 
 async def read_model_rows(store: SQLiteEventStore) -> list[tuple[Any, ...]]:
-    """Every row of the job read model, ordered by id (for comparisons)."""
+    """Every row of the read models, in a fixed order (for comparisons)."""
 
     def body(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-        return conn.execute("SELECT * FROM jobs ORDER BY job_id").fetchall()
+        jobs = conn.execute("SELECT * FROM jobs ORDER BY job_id").fetchall()
+        artifacts = conn.execute("SELECT * FROM artifacts ORDER BY artifact_id").fetchall()
+        return [*jobs, *artifacts]
 
     return await store.read_transaction(body)

@@ -73,8 +73,9 @@ follow_up = st.one_of(
 scripts = st.lists(st.tuples(st.sampled_from(JOB_IDS), follow_up), min_size=1, max_size=40)
 
 
-async def _append_script(store: SQLiteEventStore, script: list[tuple[str, Event]]) -> None:
-    started: set[str] = set()
+async def _append_script(
+    store: SQLiteEventStore, script: list[tuple[str, Event]], started: set[str]
+) -> None:
     for job_id, event in script:
         if job_id not in started:
             await store.append(job_stream(job_id), NO_STREAM, [submitted(job_id)])
@@ -102,11 +103,12 @@ def test_incremental_equals_rebuild_and_restart(
         try:
             first = JobProjector(store, batch_size=batch)
             await first.start()
-            await _append_script(store, script[:cut])
+            started: set[str] = set()
+            await _append_script(store, script[:cut], started)
             await first.wait_for(await store.head())
             await first.stop()
             # restart mid-stream: a new projector resumes from the tracked position
-            await _append_script(store, script[cut:])
+            await _append_script(store, script[cut:], started)
             second = JobProjector(store, batch_size=batch)
             await second.start()
             await second.wait_for(await store.head())
@@ -142,9 +144,10 @@ async def test_read_model_reflects_job_lifecycle(tmp_path: Path) -> None:
     )
     await projector.wait_for(await store.head())
     rows = await read_model_rows(store)
-    assert len(rows) == 1
+    assert len(rows) == 2
     job_id, tenant, jtype, state, *_ = rows[0]
     assert (job_id, tenant, jtype, state) == ("a", "t", "dreambooth", "succeeded")
+    assert rows[1] == ("c1", "a", "t", "checkpoint")
     await projector.stop()
     await store.close()
 
