@@ -159,7 +159,9 @@ def evolve(state: JobState | None, recorded: RecordedEvent) -> JobState | None:
             dataset_rejected=[r.model_dump() for r in event.rejected],
         )
     elif isinstance(event, TrainingProgressed):
-        update["progress"] = Progress(
+        # model_construct: the values come from an already validated event, and
+        # progress events are most of the log (rebuild speed).
+        update["progress"] = Progress.model_construct(
             step=event.step,
             total_steps=event.total_steps,
             loss=event.loss,

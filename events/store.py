@@ -143,14 +143,8 @@ def decode_row(
         event = cls.model_validate_json(data)
     except ValidationError as exc:
         raise EventDecodeError(position, etype, f"data does not decode: {exc}") from None
-    # The envelope's columns are typed by the schema; only the payload needs
-    # validating, so the envelope is built without a second validation pass.
-    return RecordedEvent.model_construct(
-        position=position,
-        stream_id=stream_id,
-        version=version,
-        recorded_at=datetime.fromisoformat(recorded_at),
-        event=event,  # type: ignore[arg-type]
+    return RecordedEvent(
+        position, stream_id, version, datetime.fromisoformat(recorded_at), event  # type: ignore[arg-type]
     )
 
 

@@ -9,7 +9,7 @@ or image bytes.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -173,8 +173,10 @@ class WebhookEndpointDeleted(_Event):
 
 
 class WebhookDeliveryAttempted(_Event):
-    """One delivery attempt to an endpoint failed (non-2xx, timeout, connection error);
-    `next_attempt_at` is when it is retried, or null when it is given up."""
+    """One delivery attempt to an endpoint (or a job's `callback_url`) failed (non-2xx,
+    timeout, connection error); `next_attempt_at` is when it is retried, or null when
+    it is given up. `delivery_id` is the `webhook-id` header, the same on every
+    attempt; `event_position` 0 marks a test sample (POST /v1/webhooks/{id}/test)."""
 
     type: Literal["WebhookDeliveryAttempted"] = "WebhookDeliveryAttempted"
     delivery_id: str
@@ -183,16 +185,20 @@ class WebhookDeliveryAttempted(_Event):
     status: int | None = None
     error: str | None = None
     next_attempt_at: datetime | None = None
+    event_type: str = ""
+    job_id: str | None = None
 
 
 class WebhookDelivered(_Event):
-    """An endpoint accepted a delivery with a 2xx answer."""
+    """An endpoint (or a job's `callback_url`) accepted a delivery with a 2xx answer."""
 
     type: Literal["WebhookDelivered"] = "WebhookDelivered"
     delivery_id: str
     event_position: int
     attempt: int
     status: int
+    event_type: str = ""
+    job_id: str | None = None
 
 
 class WebhookEndpointDisabled(_Event):
@@ -200,6 +206,15 @@ class WebhookEndpointDisabled(_Event):
 
     type: Literal["WebhookEndpointDisabled"] = "WebhookEndpointDisabled"
     reason: str
+
+
+class WebhookDefaultSecretCreated(_Event):
+    """A tenant's default signing secret (for per-job `callback_url` deliveries) was
+    created, on first use (GET /v1/webhooks/default/secret or the first callback)."""
+
+    type: Literal["WebhookDefaultSecretCreated"] = "WebhookDefaultSecretCreated"
+    tenant: str
+    secret: str
 
 
 # ------------------------------------------------------------- runner stream
@@ -241,6 +256,7 @@ Event = Annotated[
     | WebhookDeliveryAttempted
     | WebhookDelivered
     | WebhookEndpointDisabled
+    | WebhookDefaultSecretCreated
     | RunnerStarted
     | RunnerStopped,
     Field(discriminator="type"),
@@ -269,6 +285,7 @@ EVENT_CLASSES: dict[str, type[BaseModel]] = {
         WebhookDeliveryAttempted,
         WebhookDelivered,
         WebhookEndpointDisabled,
+        WebhookDefaultSecretCreated,
         RunnerStarted,
         RunnerStopped,
     )
@@ -277,10 +294,13 @@ EVENT_CLASSES: dict[str, type[BaseModel]] = {
 JOB_TERMINAL_TYPES = frozenset({"JobSucceeded", "JobFailed", "JobCanceled"})
 
 
-class RecordedEvent(BaseModel):
-    """An event as stored: its global position, stream, version and time."""
+class RecordedEvent(NamedTuple):
+    """An event as stored: its global position, stream, version and time.
 
-    model_config = ConfigDict(frozen=True)
+    A NamedTuple rather than a pydantic model or frozen dataclass: one is
+    built for every event read (cheaply), and only the payload (`event`)
+    needs validating.
+    """
 
     position: int
     stream_id: str
