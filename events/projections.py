@@ -20,6 +20,7 @@ from events.types import (
     JobCanceled,
     JobCancelRequested,
     JobFailed,
+    JobRequeued,
     JobStarted,
     JobSubmitted,
     JobSucceeded,
@@ -211,6 +212,8 @@ def evolve(state: JobState | None, recorded: RecordedEvent) -> JobState | None:
         )
     elif isinstance(event, JobCanceled):
         update.update(state="canceled", finished_at=at)
+    elif isinstance(event, JobRequeued):
+        update.update(state="queued", progress=Progress())
     elif isinstance(event, JobArtifactsDeleted):
         update["data_removed"] = True
     return state.model_copy(update=update)

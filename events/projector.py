@@ -35,6 +35,7 @@ JOB_EVENT_TYPES: tuple[str, ...] = (
     "JobSucceeded",
     "JobFailed",
     "JobCanceled",
+    "JobRequeued",
     "JobArtifactsDeleted",
 )
 

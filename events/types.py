@@ -32,6 +32,9 @@ class JobSubmitted(_Event):
     """A client submitted a job (POST /v1/jobs); it is queued from now on.
 
     `config` is the request as validated, defaults filled in.
+    `request_sha256` is the digest of the request body when the client sent an
+    `Idempotency-Key`: a retry with the same key and body gets this job back,
+    the same key with another body is refused.
     """
 
     type: Literal["JobSubmitted"] = "JobSubmitted"
@@ -41,6 +44,7 @@ class JobSubmitted(_Event):
     config: dict[str, Any]
     priority: int = 100
     tags: list[str] = Field(default_factory=list)
+    request_sha256: str | None = None
 
 
 class JobStarted(_Event):
@@ -127,6 +131,14 @@ class JobCanceled(_Event):
     """The job stopped because cancellation was requested; terminal."""
 
     type: Literal["JobCanceled"] = "JobCanceled"
+
+
+class JobRequeued(_Event):
+    """A running job went back to the queue because its runner stopped before
+    finishing it (service shutdown, runner restart); it starts again as a new attempt."""
+
+    type: Literal["JobRequeued"] = "JobRequeued"
+    reason: str
 
 
 class JobArtifactsDeleted(_Event):
@@ -249,6 +261,7 @@ Event = Annotated[
     | JobSucceeded
     | JobFailed
     | JobCanceled
+    | JobRequeued
     | JobArtifactsDeleted
     | DatasetUploaded
     | WebhookEndpointCreated
@@ -278,6 +291,7 @@ EVENT_CLASSES: dict[str, type[BaseModel]] = {
         JobSucceeded,
         JobFailed,
         JobCanceled,
+        JobRequeued,
         JobArtifactsDeleted,
         DatasetUploaded,
         WebhookEndpointCreated,

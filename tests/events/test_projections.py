@@ -18,6 +18,7 @@ from events.types import (
     JobCanceled,
     JobCancelRequested,
     JobFailed,
+    JobRequeued,
     JobStarted,
     JobSubmitted,
     JobSucceeded,
@@ -67,6 +68,7 @@ follow_up = st.one_of(
     st.just(JobSucceeded()),
     st.builds(JobFailed, code=st.just("boom"), message=st.just("it broke")),
     st.just(JobCanceled()),
+    st.just(JobRequeued(reason="runner stopped")),
 )
 
 # A script: which job each event goes to (a job's first event is always its submission).
