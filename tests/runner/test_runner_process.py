@@ -55,7 +55,8 @@ async def test_dreambooth_image_gen_trains_then_generates(
     """A train-then-generate job: dataset prepared, progress, intermediate and final LoRA
     checkpoints (sha256 matching the file), images from the trained LoRA, then success."""
     store, data = env
-    await submit(store, "job_a", {"type": "dreambooth_image_gen", "train": TRAIN, "generate": [GEN]})
+    body = {"type": "dreambooth_image_gen", "train": TRAIN, "generate": [GEN]}
+    await submit(store, "job_a", body)
     state = await wait_state(store, "job_a", {"succeeded", "failed", "canceled"}, timeout=240)
     assert state.state == "succeeded", state.failure
     assert state.dataset_images == 3
