@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from events.projections import JOB_STREAM_PREFIX
+from events.store import EventStore
 from events.types import RecordedEvent
 
 #: Event types that change whether a job is waiting in the queue.
@@ -37,6 +38,8 @@ class QueueView:
 
     def __init__(self) -> None:
         self.jobs: dict[str, QueuedJob] = {}
+        #: job id → id of the runner that claimed it, for jobs running now.
+        self.running: dict[str, str] = {}
         self.position = 0
 
     def apply(self, recorded: RecordedEvent) -> None:
@@ -52,10 +55,27 @@ class QueueView:
             return
         elif kind == "JobStarted":
             self.jobs[job_id].queued = False
+            self.running[job_id] = getattr(recorded.event, "runner_id", "")
         elif kind == "JobRequeued":
             self.jobs[job_id].queued = True
+            self.running.pop(job_id, None)
         else:  # terminal
             del self.jobs[job_id]
+            self.running.pop(job_id, None)
+
+    async def refresh(self, store: EventStore) -> None:
+        """Apply every queue-relevant event committed since the last refresh."""
+        while True:
+            events, scanned_to = await store.scan(self.position, 5000, QUEUE_EVENT_TYPES)
+            for recorded in events:
+                self.apply(recorded)
+            self.position = max(self.position, scanned_to)
+            if len(events) < 5000:
+                return
+
+    def claimed_by(self, runner_id: str) -> list[str]:
+        """Jobs running now that `runner_id` claimed."""
+        return [job for job, owner in self.running.items() if owner == runner_id]
 
     def next_candidates(self) -> list[str]:
         """Queued job ids, best first."""

@@ -45,7 +45,7 @@ from events.types import (
 )
 from gpu_runner.errors import Canceled, RunnerError
 from gpu_runner.jobspec import JobSpec
-from gpu_runner.queue import QUEUE_EVENT_TYPES, QueueView
+from gpu_runner.queue import QueueView
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -157,15 +157,7 @@ class Runner:
 
     async def _refresh_queue(self) -> None:
         assert self.store is not None
-        while True:
-            events, scanned_to = await self.store.scan(
-                self.queue.position, 5000, QUEUE_EVENT_TYPES
-            )
-            for recorded in events:
-                self.queue.apply(recorded)
-            self.queue.position = max(self.queue.position, scanned_to)
-            if len(events) < 5000:
-                return
+        await self.queue.refresh(self.store)
 
     async def _claim_next(self) -> JobContext | None:
         """Claim the best queued job by appending JobStarted at its stream version."""

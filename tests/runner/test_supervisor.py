@@ -1,0 +1,88 @@
+"""The service's runner supervisor: crash detection, restart, graceful stop.
+
+Jobs are appended to the log directly (as the HTTP handlers do after validation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from events.settings import Settings
+from events.store import SQLiteEventStore
+from service.supervisor import RunnerSupervisor
+from tests.runner.helpers import submit, upload_dataset, wait_state
+
+LONG = {
+    "instance_prompt": "photo of sks dog", "steps": 5000, "resolution": 64,
+    "dataset_id": "ds_test", "lora_rank": 4, "lora_alpha": 4,
+}
+GEN = {"prompt": "photo of sks dog", "steps": 2, "seed": 1, "width": 64, "height": 64}
+
+
+async def _running_step(store: SQLiteEventStore, job_id: str) -> None:
+    async with asyncio.timeout(120):
+        while (await wait_state(store, job_id, {"running", "failed"})).progress.step == 0:
+            await asyncio.sleep(0.2)
+
+
+async def test_sigkill_mid_job_fails_it_and_next_job_runs(tmp_path: Path) -> None:
+    """A runner killed mid-job: the job fails with runner_died, the exit code and a hint;
+    a new runner starts and the next job succeeds."""
+    data = tmp_path / "data"
+    settings = Settings().with_overrides(data_dir=data)
+    store = await SQLiteEventStore.open(data / "events.db")
+    await upload_dataset(store, data, "ds_test")
+    supervisor = RunnerSupervisor(settings, store, restart_delay=0.1)
+    await supervisor.start()
+    try:
+        await submit(store, "job_k", {"type": "dreambooth", "train": LONG})
+        await _running_step(store, "job_k")
+        pid = supervisor.slots[0].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        failed = await wait_state(store, "job_k", {"failed", "succeeded", "canceled"}, 60)
+        assert failed.state == "failed" and failed.failure is not None
+        assert failed.failure.code == "runner_died"
+        assert failed.failure.exit_code == -signal.SIGKILL
+        assert "out of memory" in failed.failure.message
+        await submit(store, "job_next", {"type": "image_gen", "generate": [GEN]})
+        done = await wait_state(store, "job_next", {"succeeded", "failed"}, 180)
+        assert done.state == "succeeded", done.failure
+        assert supervisor.slots[0].restarts == 1
+        assert supervisor.slots[0].pid != pid
+    finally:
+        await supervisor.stop()
+        await store.close()
+
+
+async def test_graceful_stop_requeues_and_restart_resumes_queue(tmp_path: Path) -> None:
+    """Stopping the supervisor lets the runner stop at a step boundary and requeue its job;
+    queued jobs stay queued; a new supervisor runs them."""
+    data = tmp_path / "data"
+    settings = Settings().with_overrides(data_dir=data)
+    store = await SQLiteEventStore.open(data / "events.db")
+    await upload_dataset(store, data, "ds_test")
+    supervisor = RunnerSupervisor(settings, store, restart_delay=0.1)
+    await supervisor.start()
+    await submit(store, "job_s", {"type": "dreambooth", "train": LONG})
+    await _running_step(store, "job_s")
+    await submit(store, "job_q", {"type": "image_gen", "generate": [GEN]})
+    await supervisor.stop()
+    assert supervisor.slots[0].last_exit_code == 0
+    requeued = await wait_state(store, "job_s", {"queued"}, 5)
+    assert requeued.state == "queued" and len(requeued.attempts) == 1
+    queued = await wait_state(store, "job_q", {"queued"}, 5)
+    assert queued.state == "queued"
+
+    second = RunnerSupervisor(settings, store, restart_delay=0.1)
+    await second.start()
+    try:
+        # job_s (older, same priority) is claimed first as attempt 2
+        again = await wait_state(store, "job_s", {"running"}, 120)
+        assert len(again.attempts) == 2
+    finally:
+        await second.stop()
+        await store.close()
