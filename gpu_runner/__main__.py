@@ -28,12 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from events.logsetup import configure_logging
-    from events.settings import SettingsError, load_settings
+    from events.settings import Settings, SettingsError, load_settings
 
     configure_logging(args.log_level, "json")
     try:
-        settings = load_settings(args.config).with_overrides(data_dir=args.data_dir)
-    except SettingsError as exc:
+        inherited = os.environ.get("BOOTHD_SETTINGS_JSON")
+        if inherited:  # started by the service: its effective settings, whole
+            settings = Settings.model_validate_json(inherited)
+        else:
+            settings = load_settings(args.config)
+        settings = settings.with_overrides(data_dir=args.data_dir)
+    except (SettingsError, ValueError) as exc:
         print(f"runner: configuration error: {exc}", file=sys.stderr)
         return 2
 

@@ -66,6 +66,71 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+class DataDirLocked(Exception):
+    """Another `boothd serve` holds the data folder."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take an exclusive lock on the data folder (held until the process exits).
+
+    A second server on the same folder would run a second set of runners and
+    a second projector over the same log; it refuses to start instead.
+    """
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "boothd.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DataDirLocked(
+            f"another boothd serve (pid {holder}) is already using the data folder {data_dir}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+async def _serve(settings: Settings) -> int:
+    import signal
+
+    from aiohttp import web
+
+    from service.app import create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    await site.start()
+    sockets = runner.addresses
+    port = sockets[0][1] if sockets else settings.server.port
+    print(f"boothd listening on http://{settings.server.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("serve.stopping")
+    # cleanup: stop accepting, end SSE streams, stop runners at a step boundary, close the log.
+    await runner.cleanup()
+    log.info("serve.stopped")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    try:
+        lock_data_dir(settings.storage.data_dir)
+    except DataDirLocked as exc:
+        print(f"boothd: {exc}", file=sys.stderr)
+        return 3
+    return asyncio.run(_serve(settings))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     print(settings.model_dump_json(indent=2))
@@ -76,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boothd", description="DreamBooth / LoRA service")
     parser.add_argument("--log-level", default=os.environ.get("BOOTHD_LOG_LEVEL", "info"))
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP service and its runners")
+    _add_settings_flags(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("rebuild-projections", help="drop and rebuild every read model from the log")
     _add_settings_flags(p)

@@ -17,7 +17,6 @@ import secrets
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -66,13 +65,11 @@ class RunnerSupervisor:
         self,
         settings: Settings,
         store: SQLiteEventStore,
-        config_path: Path | None = None,
         restart_delay: float = 1.0,
         stop_timeout: float = 60.0,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.config_path = config_path
         self.restart_delay = restart_delay
         self.stop_timeout = stop_timeout
         self.slots = [RunnerSlot(device) for device in settings.runner.devices]
@@ -135,8 +132,6 @@ class RunnerSupervisor:
         cmd = [sys.executable, "-m", "gpu_runner", "--device", slot.device]
         cmd += ["--runner-id", slot.runner_id]
         cmd += ["--data-dir", str(self.settings.storage.data_dir)]
-        if self.config_path is not None:
-            cmd += ["--config", str(self.config_path)]
         return cmd
 
     async def _supervise(self, slot: RunnerSlot) -> None:
@@ -148,7 +143,9 @@ class RunnerSupervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                env=dict(os.environ),
+                # The effective settings (config file plus CLI overrides) travel
+                # whole, so the runner sees exactly what the service sees.
+                env=dict(os.environ, BOOTHD_SETTINGS_JSON=self.settings.model_dump_json()),
             )
             slot.process, slot.pid, slot.state = proc, proc.pid, "running"
             log.info("runner.spawned", runner_id=slot.runner_id, pid=proc.pid, device=slot.device)
