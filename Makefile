@@ -31,11 +31,13 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	$(PY) -m service.demo
 
+BENCHES := bench/event_store.py bench/train.py bench/generate.py bench/api.py
+
 bench: $(STAMP)
-	$(PY) bench/event_store.py
+	for b in $(BENCHES); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 bench-quick: $(STAMP)
-	$(PY) bench/event_store.py --quick
+	for b in $(BENCHES); do echo "== $$b"; $(PY) $$b --quick || exit 1; done
 
 catalogue: $(STAMP)
 	$(PY) -m events.catalogue --write README.md

@@ -146,6 +146,14 @@ class JobProjector:
                 if self.position < position:
                     await self.store.wait_for_new(self.position, timeout=0.05)
 
+    async def sync(self, timeout: float = 2.0) -> None:
+        """Read-your-writes: wait (briefly) until every event committed so far, by any
+        process, is in the read model. On timeout the caller reads a slightly stale model."""
+        head = await self.store.head()
+        if self.position < head:
+            with contextlib.suppress(TimeoutError):
+                await self.wait_for(head, timeout)
+
     async def _follow(self) -> None:
         while True:
             try:

@@ -95,14 +95,14 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, start_runners: bool = True) -> int:
     import signal
 
     from aiohttp import web
 
     from service.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, start_runners=start_runners)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
@@ -129,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except DataDirLocked as exc:
         print(f"boothd: {exc}", file=sys.stderr)
         return 3
-    return asyncio.run(_serve(settings))
+    return asyncio.run(_serve(settings, start_runners=not args.no_runners))
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the HTTP service and its runners")
     _add_settings_flags(p)
+    p.add_argument(
+        "--no-runners", action="store_true",
+        help="accept and serve jobs without starting runners (jobs stay queued)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="upload images, train, show progress, print the results")

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+TERMINAL_EVENTS = frozenset({"JobSucceeded", "JobFailed", "JobCanceled"})
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
@@ -110,7 +111,12 @@ class BoothdClient:
         return result
 
     async def job_events(self, job_id: str, retries: int = 20) -> AsyncIterator[SseMessage]:
-        """The job's events until its terminal event, reconnecting with Last-Event-ID."""
+        """The job's events until its terminal event, reconnecting with Last-Event-ID.
+
+        A stream can also end without a terminal event (server shutdown, or the
+        server dropping a consumer that fell behind): then it reconnects and
+        resumes after the last event it saw, so nothing is lost or repeated.
+        """
         last_id: int | None = None
         attempts = 0
         while True:
@@ -128,12 +134,14 @@ class BoothdClient:
                         if message.id is not None:
                             last_id = message.id
                         yield message
-                    return  # the server closed the stream after the terminal event
-            except (aiohttp.ClientConnectionError, TimeoutError):
-                attempts += 1
-                if attempts > retries:
-                    raise
-                await asyncio.sleep(min(5.0, 0.5 * attempts))
+                        if message.event in TERMINAL_EVENTS:
+                            return
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError):
+                pass
+            attempts += 1
+            if attempts > retries:
+                raise ClientError(0, "stream_lost", f"lost the event stream of job {job_id}")
+            await asyncio.sleep(min(5.0, 0.5 * attempts))
 
     async def download(self, path: str, dest: Path) -> Path:
         async with self._session.get(self.url + path) as resp:

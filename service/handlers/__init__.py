@@ -1,0 +1,1 @@
+"""HTTP handlers, one module per resource; `service/routes.py` wires them."""
