@@ -87,6 +87,8 @@ class Attempt(_State):
     attempt: int
     runner_id: str
     started_at: datetime
+    #: Why the attempt ended without finishing the job (runner died, shutdown).
+    interrupted: str | None = None
 
 
 class JobState(_State):
@@ -213,7 +215,10 @@ def evolve(state: JobState | None, recorded: RecordedEvent) -> JobState | None:
     elif isinstance(event, JobCanceled):
         update.update(state="canceled", finished_at=at)
     elif isinstance(event, JobRequeued):
-        update.update(state="queued", progress=Progress())
+        attempts = list(state.attempts)
+        if attempts:
+            attempts[-1] = attempts[-1].model_copy(update={"interrupted": event.reason})
+        update.update(state="queued", attempts=attempts)
     elif isinstance(event, JobArtifactsDeleted):
         update["data_removed"] = True
     return state.model_copy(update=update)

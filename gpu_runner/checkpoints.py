@@ -286,3 +286,139 @@ def save_lora_kohya(
     }
     save_file(kohya_state_dict(layers, alpha), str(path), metadata=metadata)
     return path
+
+
+# --- resumable training state -------------------------------------------------
+#
+# A training state is a folder written through `staged_folder`, so it is
+# replaced as a whole and a reader never sees a half-written one:
+#
+# - `weights.safetensors`: the trainable parameters only (LoRA layers for a
+#   LoRA job, the UNet / text encoder for a full fine-tune), keyed
+#   `<component>.<parameter name>`;
+# - `rng.safetensors`: torch generator states (uint8 tensors);
+# - `optimizer.pt`, `scheduler.pt`: `torch.save`d state dicts (loaded back
+#   with `weights_only=True`, so a state file cannot run code);
+# - `state.json`: written last, the step, the config hash and every small
+#   value (data order, python / numpy RNG states).
+
+STATE_FORMAT = 1
+STATE_META = "state.json"
+STATE_WEIGHTS = "weights.safetensors"
+STATE_RNG = "rng.safetensors"
+STATE_OPTIMIZER = "optimizer.pt"
+STATE_SCHEDULER = "scheduler.pt"
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a training run where it stopped.
+
+    `meta` holds the JSON-serialisable part (`step`, `config_hash`, data order,
+    python / numpy RNG states, …); `weights` the trainable parameters, `rng`
+    the torch generator states, `optimizer` and `scheduler` their state dicts.
+    """
+
+    meta: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+
+
+def save_train_state(state_dir: Path, state: TrainState) -> None:
+    """Write `state` atomically to `state_dir`, replacing an earlier state.
+
+    The files are staged in a hidden folder beside `state_dir`, flushed, and
+    renamed into place (`staged_folder`): a crash at any moment leaves the
+    previous complete state or the new one, plus at most a staging folder
+    that `remove_stale_staging` clears on the next start.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    with staged_folder(state_dir) as staging:
+        # clone(): safetensors refuses tensors sharing storage, and LoRA
+        # parameters may be views; contiguous CPU copies are what it writes.
+        save_file(
+            {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.weights.items()},
+            str(staging / STATE_WEIGHTS),
+        )
+        save_file(
+            {k: v.to("cpu", copy=True).contiguous() for k, v in state.rng.items()},
+            str(staging / STATE_RNG),
+        )
+        torch.save(state.optimizer, staging / STATE_OPTIMIZER)
+        torch.save(state.scheduler, staging / STATE_SCHEDULER)
+        meta = {"format": STATE_FORMAT, **state.meta}
+        (staging / STATE_META).write_text(json.dumps(meta, sort_keys=True))
+
+
+def remove_stale_staging(state_dir: Path) -> None:
+    """Remove staging / replaced-state folders a killed process left beside `state_dir`.
+
+    When a process died between `staged_folder`'s two renames, `state_dir` is
+    missing and its last complete state is the `.old-` folder: that one is
+    moved back into place instead of removed.
+    """
+    parent = state_dir.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f".{state_dir.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not state_dir.exists() and (olds[-1] / STATE_META).is_file():
+        olds.pop().rename(state_dir)
+    for stale in [*olds, *parent.glob(f".{state_dir.name}.tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_state_meta(state_dir: Path) -> dict[str, Any] | None:
+    """The `state.json` of a training state, or None when there is none readable."""
+    try:
+        meta = json.loads((state_dir / STATE_META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def load_state_step(state_dir: Path) -> int | None:
+    """The optimizer step a saved training state resumes from, or None.
+
+    None when `state_dir` holds no readable state of this format. The state
+    may still be refused by `train` (another config); this only reads the
+    step, for progress reporting.
+    """
+    meta = read_state_meta(state_dir)
+    if meta is None or meta.get("format") != STATE_FORMAT:
+        return None
+    step = meta.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def load_train_state(state_dir: Path) -> TrainState:
+    """Read a whole training state (tensors on the CPU).
+
+    Raises `ValueError` or `OSError` for a missing, foreign or damaged state;
+    the caller decides whether that means a fresh start.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    meta = read_state_meta(state_dir)
+    if meta is None:
+        raise ValueError(f"no readable {STATE_META}")
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"state format {meta.get('format')!r}, expected {STATE_FORMAT}")
+    try:
+        return TrainState(
+            meta=meta,
+            weights=load_file(str(state_dir / STATE_WEIGHTS)),
+            rng=load_file(str(state_dir / STATE_RNG)),
+            optimizer=torch.load(
+                state_dir / STATE_OPTIMIZER, map_location="cpu", weights_only=True
+            ),
+            scheduler=torch.load(
+                state_dir / STATE_SCHEDULER, map_location="cpu", weights_only=True
+            ),
+        )
+    except (OSError, RuntimeError) as exc:  # safetensors / pickle errors
+        raise ValueError(f"damaged state files: {exc}") from exc

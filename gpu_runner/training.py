@@ -23,10 +23,13 @@ requests in processes that never train.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import logging
 import math
+import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -47,8 +50,14 @@ from .checkpoints import (
     CheckpointFile,
     CheckpointKind,
     CheckpointVariant,
+    TrainState,
     describe,
+    load_state_step,
+    load_train_state,
     lora_metadata,
+    remove_stale_staging,
+    save_train_state,
+    sha256_file,
     save_lora_diffusers,
     save_lora_kohya,
     staged_folder,
@@ -69,6 +78,7 @@ __all__ = [
     "check_device_support",
     "check_family_support",
     "generate_class_images",
+    "load_state_step",
     "make_lr_scheduler",
     "total_steps",
     "train",
@@ -98,6 +108,8 @@ _MAX_GRAD_NORM = 1.0
 _PROGRESS_INTERVAL_S = 0.5
 # Captions encoded per text-encoder call when filling the prompt cache.
 _PROMPT_CHUNK = 16
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RunnerError):
@@ -563,21 +575,46 @@ def _load_examples(
     return examples
 
 
-def _index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+class _IndexBatches:
     """Endless batches of indices: a fresh seeded permutation per epoch.
 
     Batches run across epoch boundaries, so every batch is full and the number
-    of images seen is exactly steps × accumulation × batch size.
+    of images seen is exactly steps × accumulation × batch size. A class
+    rather than a generator so that its position (the current permutation
+    and how far it has been read) can be saved and restored: a resumed run
+    must see exactly the batches an uninterrupted one would. A permutation is
+    drawn only when its first index is needed, so its draws interleave with
+    the random crops drawn from the same generator in a fixed order.
     """
-    import torch
 
-    batch: list[int] = []
-    while True:
-        for index in torch.randperm(n, generator=generator).tolist():
-            batch.append(index)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n = n
+        self.batch_size = batch_size
+        self.generator = generator
+        self.order: list[int] = []
+        self.pos = 0
+
+    def __next__(self) -> list[int]:
+        import torch
+
+        batch: list[int] = []
+        while len(batch) < self.batch_size:
+            if self.pos == len(self.order):
+                self.order = torch.randperm(self.n, generator=self.generator).tolist()
+                self.pos = 0
+            batch.append(self.order[self.pos])
+            self.pos += 1
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        """The data-order position, JSON-serialisable (the generator is saved apart)."""
+        return {"order": list(self.order), "pos": self.pos}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        order, pos = state["order"], state["pos"]
+        if sorted(order) != (list(range(self.n)) if order else []) or not 0 <= pos <= len(order):
+            raise ValueError("the saved data order does not fit this dataset")
+        self.order, self.pos = [int(i) for i in order], int(pos)
 
 
 def _batch_latents(

@@ -50,6 +50,9 @@ from gpu_runner.queue import QueueView
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
+#: `JobRequeued.reason` when the runner was asked to stop (not the job's fault).
+GRACEFUL_STOP_REASON = "runner stopped before the job finished"
+
 #: Progress events at most this often (the last step is always reported).
 PROGRESS_INTERVAL_SECONDS = 0.5
 
@@ -203,7 +206,7 @@ class Runner:
             outcome = JobSucceeded()
         except Canceled:
             if self.stopping.is_set() and not await self._cancel_was_requested(job):
-                outcome = JobRequeued(reason="runner stopped before the job finished")
+                outcome = JobRequeued(reason=GRACEFUL_STOP_REASON)
             else:
                 outcome = JobCanceled()
         except RunnerError as exc:

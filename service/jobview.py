@@ -100,6 +100,15 @@ def render_job(state: JobState, now: datetime | None = None) -> dict[str, Any]:
         if state.failure is None
         else {"code": state.failure.code, "message": state.failure.message},
         "attempts": len(state.attempts),
+        "attempt_history": [
+            {
+                "attempt": a.attempt,
+                "runner_id": a.runner_id,
+                "started_at": _iso(a.started_at),
+                "interrupted": a.interrupted,
+            }
+            for a in state.attempts
+        ],
         "cancel_requested": state.cancel_requested,
         "data_removed": state.data_removed,
         "tags": state.tags,

@@ -27,6 +27,7 @@ from events.settings import Settings
 from events.store import ANY_VERSION, SQLiteEventStore
 from events.types import JobFailed, JobRequeued, RunnerStopped
 from gpu_runner.queue import QueueView
+from gpu_runner.worker import GRACEFUL_STOP_REASON
 
 log = structlog.get_logger(__name__)
 
@@ -169,23 +170,40 @@ class RunnerSupervisor:
             log.error("runner.died", runner_id=slot.runner_id, exit_code=code, hint=reason)
         await self._queue.refresh(self.store)
         for job_id in self._queue.claimed_by(slot.runner_id):
-            message = f"the runner exited with code {code} ({reason}) while running this job"
-            await self._append_if_running(
-                job_id, JobFailed(code="runner_died", message=message, exit_code=code)
-            )
+            cause = f"the runner exited with code {code} ({reason})"
+            await self._runner_lost_job(job_id, cause, code)
         await self.store.append(
             f"runner-{slot.runner_id}",
             ANY_VERSION,
             [RunnerStopped(runner_id=slot.runner_id, exit_code=code, reason=reason)],
         )
 
+    async def _runner_lost_job(self, job_id: str, cause: str, code: int | None) -> None:
+        """Requeue the job as a new attempt (it resumes from its saved training state),
+        or fail it with every attempt's cause once `max_attempts` is reached."""
+        state = fold(await self.store.read_stream(job_stream(job_id)))
+        if state is None:
+            return
+        # A graceful stop (service shutdown) is not the job's fault: it does not count.
+        causes = [
+            a.interrupted
+            for a in state.attempts[:-1]
+            if a.interrupted and a.interrupted != GRACEFUL_STOP_REASON
+        ] + [cause]
+        if len(causes) < self.settings.jobs.max_attempts:
+            await self._append_if_running(job_id, JobRequeued(reason=cause))
+            return
+        history = "; ".join(f"attempt {i}: {c}" for i, c in enumerate(causes, start=1))
+        message = f"gave up after {len(causes)} failed attempts — {history}"
+        await self._append_if_running(
+            job_id, JobFailed(code="runner_died", message=message, exit_code=code)
+        )
+
     async def _requeue_orphans(self) -> None:
         """Jobs marked running when no runner of ours is alive go back to the queue."""
         await self._queue.refresh(self.store)
         for job_id in list(self._queue.running):
-            await self._append_if_running(
-                job_id, JobRequeued(reason="the service restarted while the job was running")
-            )
+            await self._runner_lost_job(job_id, "the service stopped without stopping it", None)
 
     async def _append_if_running(self, job_id: str, event: JobFailed | JobRequeued) -> None:
         """Append `event` only while the job is still running (checked at its version)."""

@@ -10,7 +10,7 @@ import os
 import signal
 from pathlib import Path
 
-from events.settings import Settings
+from events.settings import Settings, parse_settings
 from events.store import SQLiteEventStore
 from service.supervisor import RunnerSupervisor
 from tests.runner.helpers import submit, upload_dataset, wait_state
@@ -29,10 +29,10 @@ async def _running_step(store: SQLiteEventStore, job_id: str) -> None:
 
 
 async def test_sigkill_mid_job_fails_it_and_next_job_runs(tmp_path: Path) -> None:
-    """A runner killed mid-job: the job fails with runner_died, the exit code and a hint;
-    a new runner starts and the next job succeeds."""
+    """With max_attempts = 1, a runner killed mid-job: the job fails with runner_died,
+    the exit code and a hint; a new runner starts and the next job succeeds."""
     data = tmp_path / "data"
-    settings = Settings().with_overrides(data_dir=data)
+    settings = parse_settings({"storage": {"data_dir": str(data)}, "jobs": {"max_attempts": 1}})
     store = await SQLiteEventStore.open(data / "events.db")
     await upload_dataset(store, data, "ds_test")
     supervisor = RunnerSupervisor(settings, store, restart_delay=0.1)
@@ -85,4 +85,40 @@ async def test_graceful_stop_requeues_and_restart_resumes_queue(tmp_path: Path) 
         assert len(again.attempts) == 2
     finally:
         await second.stop()
+        await store.close()
+
+
+async def test_killed_runner_requeues_until_max_attempts(tmp_path: Path) -> None:
+    """With max_attempts = 2: the first SIGKILL puts the job back in the queue and a new
+    runner starts it as attempt 2; the second fails it, naming both causes."""
+    data = tmp_path / "data"
+    settings = parse_settings({"storage": {"data_dir": str(data)}, "jobs": {"max_attempts": 2}})
+    store = await SQLiteEventStore.open(data / "events.db")
+    await upload_dataset(store, data, "ds_test")
+    supervisor = RunnerSupervisor(settings, store, restart_delay=0.1)
+    await supervisor.start()
+    try:
+        await submit(store, "job_r", {"type": "dreambooth", "train": LONG})
+        await _running_step(store, "job_r")
+        first_pid = supervisor.slots[0].pid
+        assert first_pid is not None
+        os.kill(first_pid, signal.SIGKILL)
+        async with asyncio.timeout(120):
+            while True:
+                state = await wait_state(store, "job_r", {"running", "failed", "queued"})
+                if len(state.attempts) == 2 and state.state == "running":
+                    break
+                await asyncio.sleep(0.2)
+        assert state.attempts[0].interrupted is not None
+        assert "SIGKILL" in state.attempts[0].interrupted
+        await _running_step(store, "job_r")
+        second_pid = supervisor.slots[0].pid
+        assert second_pid is not None and second_pid != first_pid
+        os.kill(second_pid, signal.SIGKILL)
+        failed = await wait_state(store, "job_r", {"failed", "succeeded", "canceled"}, 60)
+        assert failed.state == "failed" and failed.failure is not None
+        assert failed.failure.code == "runner_died"
+        assert "attempt 1" in failed.failure.message and "attempt 2" in failed.failure.message
+    finally:
+        await supervisor.stop()
         await store.close()
