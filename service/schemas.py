@@ -94,6 +94,13 @@ class FailureOut(_Out):
     message: str
 
 
+class AttemptOut(_Out):
+    attempt: int
+    runner_id: str
+    started_at: datetime
+    interrupted: str | None = Field(description="why the attempt ended without finishing")
+
+
 class JobObject(_Out):
     """A job (API.md "Job object")."""
 
@@ -110,6 +117,7 @@ class JobObject(_Out):
     result: JobResultOut
     failure: FailureOut | None
     attempts: int
+    attempt_history: list[AttemptOut]
     cancel_requested: bool
     data_removed: bool = Field(description="true once the job's files were deleted")
     tags: list[str]
