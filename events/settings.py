@@ -94,6 +94,12 @@ class JobSettings(_Section):
     max_attempts: int = Field(default=3, ge=1)
 
 
+class DocsSettings(_Section):
+    # Both set: /docs (Swagger UI) asks for HTTP basic auth. Empty: open.
+    username: str = ""
+    password: str = ""
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
@@ -105,6 +111,7 @@ class Settings(_Section):
     webhooks: WebhookSettings = WebhookSettings()
     limits: LimitSettings = LimitSettings()
     jobs: JobSettings = JobSettings()
+    docs: DocsSettings = DocsSettings()
 
     @field_validator("models")
     @classmethod

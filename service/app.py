@@ -29,8 +29,14 @@ from service.keys import (
     SUPERVISOR,
 )
 from service.metrics import Metrics
-from service.middleware import auth_middleware, error_middleware, metrics_middleware
+from service.middleware import (
+    auth_middleware,
+    docs_basic_auth_middleware,
+    error_middleware,
+    metrics_middleware,
+)
 from service.paths import staging_dir
+from service.retention import retention_ctx
 from service.routes import setup_routes
 from service.sse import sse_ctx
 from service.webhooks import webhooks_ctx
@@ -97,6 +103,7 @@ def create_app(settings: Settings, *, start_runners: bool = True) -> web.Applica
         middlewares=[
             metrics_middleware,
             error_middleware,
+            docs_basic_auth_middleware,
             auth_middleware(Authenticator(settings.auth)),
         ],
     )
@@ -107,6 +114,7 @@ def create_app(settings: Settings, *, start_runners: bool = True) -> web.Applica
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(projector_ctx)
     app.cleanup_ctx.append(sse_ctx)
+    app.cleanup_ctx.append(retention_ctx)
     app.cleanup_ctx.append(webhooks_ctx)
     app.cleanup_ctx.append(supervisor_ctx)
     app.on_shutdown.append(_signal_shutdown)

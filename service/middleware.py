@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import json
 import re
 import time
@@ -27,7 +29,7 @@ from pydantic import ValidationError
 
 from service.auth import Authenticator
 from service.errors import ApiError
-from service.keys import METRICS, TENANT
+from service.keys import METRICS, SETTINGS, TENANT
 from service.openapi import is_public_route
 
 log = structlog.get_logger(__name__)
@@ -152,3 +154,30 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         request.app[METRICS].observe_request(
             request.method, route_label(request), status, time.perf_counter() - started
         )
+
+
+@web.middleware
+async def docs_basic_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Guard `/docs` with HTTP basic auth when `[docs] username/password` are set."""
+    docs = request.app[SETTINGS].docs
+    if docs.username and docs.password and (
+        request.path == "/docs" or request.path.startswith("/docs/")
+    ):
+        ok = False
+        header = request.headers.get("Authorization", "")
+        if header.lower().startswith("basic "):
+            try:
+                decoded = base64.b64decode(header[6:].strip(), validate=True)
+            except ValueError:
+                decoded = b""
+            login, _, password = decoded.partition(b":")
+            # Both compared, always: the time taken says nothing about which failed.
+            user_ok = hmac.compare_digest(login, docs.username.encode())
+            pass_ok = hmac.compare_digest(password, docs.password.encode())
+            ok = user_ok and pass_ok
+        if not ok:
+            raise ApiError(
+                401, "unauthorized", "the API docs need a username and password",
+                headers={"WWW-Authenticate": 'Basic realm="boothd docs"'},
+            )
+    return await handler(request)

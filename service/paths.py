@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 # Ids are generated here (`job_<hex>`, `ds_<hex>`); anything else never names a folder.
@@ -35,3 +36,20 @@ def staging_dir(data_dir: Path) -> Path:
     place, so publishing a dataset is one atomic rename. Only uploads live
     here, so whatever is left at start-up was cut off by a crash."""
     return data_dir / "tmp" / "uploads"
+
+
+def remove_job_files(data_dir: Path, job_id: str, artifact_paths: list[str]) -> None:
+    """Delete a job's folder and any of its artifacts recorded elsewhere in the data folder."""
+    folder = job_dir(data_dir, job_id)
+    if folder is not None and folder.exists():
+        shutil.rmtree(folder)
+    # Artifacts are written inside the job's folder; any recorded elsewhere
+    # in the data folder go too.
+    for relative in artifact_paths:
+        path = inside_data_dir(data_dir, relative)
+        if path is None or not path.exists():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

@@ -119,3 +119,15 @@ def list_jobs(
     states = [JobState.model_validate_json(doc) for _, _, doc in page]
     next_cursor = Cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
     return states, next_cursor
+
+
+def expired_jobs(conn: sqlite3.Connection, finished_before: str) -> list[JobState]:
+    """Finished jobs (any tenant) last updated before `finished_before` (ISO time)
+    whose files still exist: what retention deletes."""
+    rows = conn.execute(
+        "SELECT doc FROM jobs WHERE state IN ('succeeded', 'failed', 'canceled') "
+        "AND updated_at < ? ORDER BY updated_at",
+        (finished_before,),
+    ).fetchall()
+    states = [JobState.model_validate_json(doc) for (doc,) in rows]
+    return [s for s in states if not s.data_removed]

@@ -12,9 +12,7 @@ import asyncio
 import hashlib
 import json
 import secrets
-import shutil
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -31,7 +29,7 @@ from service.handlers.common import read_json, respond, tenant_of
 from service.jobview import render_job
 from service.keys import PROJECTOR, SETTINGS, STORE
 from service.openapi import Operation, operation
-from service.paths import inside_data_dir, job_dir
+from service.paths import remove_job_files
 from service.schemas import JobList, JobListQuery, JobObject
 from service.submission import check_job
 from service.webhooks import send_dry_run_callback
@@ -268,22 +266,6 @@ async def cancel_job(request: web.Request) -> web.Response:
     raise ApiError(409, "job_busy", f"job {job_id!r} changed too often to cancel; retry")
 
 
-def _remove_files(data_dir: Path, job_id: str, artifact_paths: list[str]) -> None:
-    folder = job_dir(data_dir, job_id)
-    if folder is not None and folder.exists():
-        shutil.rmtree(folder)
-    # Artifacts are written inside the job's folder; any recorded elsewhere
-    # in the data folder go too.
-    for relative in artifact_paths:
-        path = inside_data_dir(data_dir, relative)
-        if path is None or not path.exists():
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
 @operation(Operation(summary="Delete a job's files", responses={200: JobObject}, tags=("jobs",)))
 async def delete_job(request: web.Request) -> web.Response:
     """Delete the checkpoints and images of a finished job. The job stays listed
@@ -294,7 +276,7 @@ async def delete_job(request: web.Request) -> web.Response:
     if not state.terminal:
         raise ApiError(409, "job_active", f"job {job_id!r} is {state.state}; cancel it first")
     paths = [c.path for c in state.checkpoints] + [i.path for i in state.images]
-    await asyncio.to_thread(_remove_files, request.app[SETTINGS].storage.data_dir, job_id, paths)
+    await asyncio.to_thread(remove_job_files, request.app[SETTINGS].storage.data_dir, job_id, paths)
     position = state.position
     if not state.data_removed:
         (position,) = await request.app[STORE].append(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 from aiohttp import web
 
 from service.openapi import DOCS_STATIC_ROUTE
-from tests.service.conftest import ALICE, Client
+from tests.service.conftest import ALICE, Client, ClientFactory
 
 
 def _refs(node: Any) -> list[str]:
@@ -112,3 +113,26 @@ async def test_swagger_ui_is_served_offline(auth_client: Client) -> None:
     # Everything else still needs a key.
     assert (await auth_client.get("/v1/models")).status == 401
     assert (await auth_client.get("/v1/models", headers=ALICE)).status == 200
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+async def test_docs_basic_auth_when_configured(make_client: ClientFactory) -> None:
+    """With [docs] username/password, /docs and its assets need basic auth; the API keys
+    are unaffected and /openapi.json stays public."""
+    client = await make_client(docs={"username": "ann", "password": "pw"})
+    resp = await client.get("/docs")
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"].startswith("Basic")
+    assert (await resp.json())["error"]["code"] == "unauthorized"
+    resp = await client.get("/docs", headers=_basic("ann", "wrong"))
+    assert resp.status == 401
+    resp = await client.get("/docs/static/swagger-ui.css")
+    assert resp.status == 401
+    resp = await client.get("/docs", headers=_basic("ann", "pw"))
+    assert resp.status == 200 and "swagger-ui" in await resp.text()
+    resp = await client.get("/openapi.json")
+    assert resp.status == 200
