@@ -32,6 +32,16 @@ WEBHOOK_EVENT_TYPES: tuple[str, ...] = (
 WEBHOOK_EVENT_PATTERNS: tuple[str, ...] = (*WEBHOOK_EVENT_TYPES, "job.completed", "job.*")
 
 
+def check_webhook_event_names(names: list[str]) -> list[str]:
+    """Validate webhook event names (a pydantic field validator body)."""
+    for name in names:
+        if name not in WEBHOOK_EVENT_PATTERNS:
+            raise ValueError(
+                f"unknown webhook event {name!r}; valid: {', '.join(WEBHOOK_EVENT_PATTERNS)}"
+            )
+    return names
+
+
 class JobSpec(BaseModel):
     """What a client asks boothd to do; stored (defaults filled in) in `JobSubmitted`."""
 
@@ -58,12 +68,7 @@ class JobSpec(BaseModel):
     @field_validator("webhook_events")
     @classmethod
     def _webhook_events(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if name not in WEBHOOK_EVENT_PATTERNS:
-                raise ValueError(
-                    f"unknown webhook event {name!r}; valid: {', '.join(WEBHOOK_EVENT_PATTERNS)}"
-                )
-        return names
+        return check_webhook_event_names(names)
 
     @model_validator(mode="after")
     def _parts_match_type(self) -> JobSpec:

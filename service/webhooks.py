@@ -16,7 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpu_runner.fetch import FetchError, check_url
-from gpu_runner.jobspec import WEBHOOK_EVENT_PATTERNS
+from gpu_runner.jobspec import check_webhook_event_names
 from service.errors import ApiError
 from service.handlers.common import read_json
 from service.keys import SETTINGS, STORE, TENANT
@@ -90,12 +90,7 @@ class CreateWebhookRequest(BaseModel):
     @field_validator("events")
     @classmethod
     def _known_events(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if name not in WEBHOOK_EVENT_PATTERNS:
-                raise ValueError(
-                    f"unknown webhook event {name!r}; valid: {', '.join(WEBHOOK_EVENT_PATTERNS)}"
-                )
-        return list(dict.fromkeys(names))
+        return list(dict.fromkeys(check_webhook_event_names(names)))
 
 
 def _dispatcher(request: web.Request) -> WebhookDispatcher:
