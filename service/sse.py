@@ -201,7 +201,8 @@ def _last_event_id(request: web.Request) -> int | None:
         value = int(raw.strip())
     except ValueError:
         value = -1
-    if value < 0:
+    # Positions are SQLite integers: anything beyond cannot name an event.
+    if value < 0 or value > 2**63 - 1:
         raise ApiError(
             400, "invalid_last_event_id", "Last-Event-ID must be an event position", field
         )

@@ -124,6 +124,15 @@ class _CappedWriter:
 
 
 async def receive_upload(request: web.Request, staging: Path, limit: int) -> Received:
+    """Stream a `POST /v1/datasets` body into `staging`; a malformed multipart body
+    (no boundary, no starting boundary, broken part headers) is 400 `invalid_upload`."""
+    try:
+        return await _receive_upload(request, staging, limit)
+    except ValueError as exc:  # aiohttp's multipart reader on a malformed body
+        raise ApiError(400, "invalid_upload", f"malformed multipart body: {exc}") from None
+
+
+async def _receive_upload(request: web.Request, staging: Path, limit: int) -> Received:
     """Stream a `POST /v1/datasets` body into `staging` (an empty folder).
 
     Raises `ApiError`: 415 when the body is not multipart, 413 past `limit`
