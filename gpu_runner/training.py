@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import math
 import random
@@ -56,10 +57,10 @@ from .checkpoints import (
     load_train_state,
     lora_metadata,
     remove_stale_staging,
-    save_train_state,
-    sha256_file,
     save_lora_diffusers,
     save_lora_kohya,
+    save_train_state,
+    sha256_file,
     staged_folder,
 )
 from .errors import Canceled, RunnerError
@@ -295,11 +296,13 @@ def check_device_support(config: TrainConfig, device: str) -> None:
     training runs 6–8× slower than fp32. 8-bit Adam needs bitsandbytes and a
     CUDA GPU.
     """
-    import torch
-
     kind = device.split(":", 1)[0]
     if kind not in ("cpu", "cuda"):
         raise TrainingError("device_unsupported", f"training runs on cpu or cuda, not {device!r}")
+    if kind == "cuda":
+        # Only here: the service calls this to validate requests and must not
+        # pay torch's import (seconds, hundreds of MB) for a CPU-only server.
+        import torch
     if kind == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device_unavailable", f"{device} was asked for but CUDA is unavailable")
     if config.mixed_precision != "no":
@@ -703,6 +706,8 @@ def train(
     *,
     single_file_config: Path | None = None,
     return_pipeline: bool = False,
+    state_dir: Path | None = None,
+    state_every_steps: int | None = None,
 ) -> TrainResult:
     """Fine-tune the model at `model_path` and write checkpoints under `out_dir`.
 
@@ -716,7 +721,19 @@ def train(
     of `save_checkpoints_at` and at the last step (`final=True`).
 
     The same config and seed give bit-identical weights on the CPU (the caller
-    sets torch's thread count). Raises `TrainingError` for a request that
+    sets torch's thread count).
+
+    With `state_dir`, the training state (trainable weights, optimizer and LR
+    scheduler state, RNG states, step and data-order position) is saved
+    there atomically every `state_every_steps` optimizer steps and at every
+    step of `save_checkpoints_at` (not at the last step: the final checkpoint
+    is the result). When `state_dir` already holds a state of the same config,
+    family and images, training resumes from it: on the CPU the result is
+    bit-identical to an uninterrupted run, checkpoints of earlier steps are
+    neither rewritten nor reported again, and progress goes on from the saved
+    step. A state of another run is ignored (with a logged reason) and
+    replaced at the first save. The caller removes `state_dir` once the job
+    is done. Raises `TrainingError` for a request that
     cannot run (before any work), `Canceled` when `hooks.should_cancel()`
     turns true — leaving no partial checkpoint — and lets other exceptions
     (out of memory, corrupt model files) through.
@@ -731,6 +748,8 @@ def train(
             "train.with_prior_preservation: no class images were given",
             "train.with_prior_preservation",
         )
+    if state_every_steps is not None and (state_dir is None or state_every_steps < 1):
+        raise ValueError("state_every_steps needs a state_dir and must be at least 1")
     total = total_steps(config, len(images))
     problem = _step_problem(config, total)
     if problem is not None:
@@ -755,6 +774,8 @@ def train(
             accelerator,
             total,
             return_pipeline,
+            state_dir,
+            state_every_steps,
         )
     finally:
         accelerator.free_memory()
@@ -774,6 +795,8 @@ def _train(
     accelerator: Any,
     total: int,
     return_pipeline: bool,
+    state_dir: Path | None,
+    state_every_steps: int | None,
 ) -> TrainResult:
     import torch
     from diffusers.training_utils import cast_training_params, set_seed
@@ -856,6 +879,18 @@ def _train(
     if encoder_params:
         groups.append({"params": encoder_params})
     trainable = denoiser_params + encoder_params
+    # What a resumable state saves: the trainable parameters by name, and
+    # nothing else of the model (for LoRA only the adapter weights). Fixed
+    # here, so text encoders frozen later on are still saved.
+    trained_modules = {ops.denoiser_name: ops.denoiser}
+    if config.train_text_encoder:
+        trained_modules.update(ops.text_encoders)
+    state_params = {
+        f"{component}.{name}": p
+        for component, module in trained_modules.items()
+        for name, p in module.named_parameters()
+        if p.requires_grad
+    }
     optimizer = _make_optimizer(config, groups)
     lr_scheduler = make_lr_scheduler(config, optimizer, total)
     prepared = accelerator.prepare(ops.denoiser, *trained_text_encoders, optimizer)
@@ -868,9 +903,9 @@ def _train(
     class_examples = (
         _load_examples(class_images, config.class_prompt or "", config, ops) if use_prior else []
     )
-    batches = _index_batches(len(examples), config.batch_size, data_gen)
+    batches = _IndexBatches(len(examples), config.batch_size, data_gen)
     class_batches = (
-        _index_batches(len(class_examples), config.batch_size, data_gen) if use_prior else None
+        _IndexBatches(len(class_examples), config.batch_size, data_gen) if use_prior else None
     )
     all_captions = sorted({e.caption for e in examples + class_examples})
 
@@ -964,15 +999,90 @@ def _train(
             hooks.on_checkpoint(file)
         return files
 
+    # --- resumable state -----------------------------------------------------
+    fingerprint = _state_fingerprint(config, family, images, class_images if use_prior else [])
+
+    scaler = getattr(accelerator, "scaler", None)
+
+    def save_state(step: int, images_seen: int) -> None:
+        assert state_dir is not None
+        meta = {
+            "step": step,
+            "images_seen": images_seen,
+            "config_hash": fingerprint,
+            "batches": batches.state(),
+            "class_batches": class_batches.state() if class_batches is not None else None,
+            "python_random": _python_random_state(),
+            "numpy_random": _numpy_random_state(),
+            # fp16 on a GPU: the loss scale adapts during training.
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        }
+        rng = {
+            "data": data_gen.get_state(),
+            "noise": noise_gen.get_state(),
+            # Global RNGs: nothing in the loop is known to draw from them
+            # (dropout is off), but a model that does must still resume exactly.
+            "torch": torch.get_rng_state(),
+        }
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        save_train_state(
+            state_dir,
+            TrainState(
+                meta=meta,
+                weights=dict(state_params),
+                rng=rng,
+                optimizer=optimizer.state_dict(),
+                scheduler=lr_scheduler.state_dict(),
+            ),
+        )
+
+    def resume() -> tuple[int, int]:
+        """Restore a matching saved state; (step, images_seen) to go on from."""
+        assert state_dir is not None
+        remove_stale_staging(state_dir)
+        if not state_dir.exists():
+            return 0, 0
+        state = _matching_state(state_dir, fingerprint, state_params, total)
+        if state is None:
+            return 0, 0
+        meta = state.meta
+        # Everything that can refuse the state is checked before anything changes.
+        batches.restore(meta["batches"])
+        if class_batches is not None:
+            class_batches.restore(meta["class_batches"])
+        optimizer.load_state_dict(state.optimizer)
+        lr_scheduler.load_state_dict(state.scheduler)
+        if scaler is not None and meta.get("grad_scaler"):
+            scaler.load_state_dict(meta["grad_scaler"])
+        with torch.no_grad():
+            for name, param in state_params.items():
+                param.copy_(state.weights[name].to(param.device, param.dtype))
+        data_gen.set_state(state.rng["data"])
+        noise_gen.set_state(state.rng["noise"])
+        torch.set_rng_state(state.rng["torch"])
+        if device.type == "cuda" and "cuda" in state.rng:
+            torch.cuda.set_rng_state(state.rng["cuda"], device)
+        _set_python_random_state(meta["python_random"])
+        _set_numpy_random_state(meta["numpy_random"])
+        log.info("resuming training from step %d of %d (%s)", meta["step"], total, state_dir)
+        return int(meta["step"]), int(meta["images_seen"])
+
     # --- loop ----------------------------------------------------------------
-    step = 0
-    images_seen = 0
+    for m in trained_models:
+        m.train()
+    step, images_seen = resume() if state_dir is not None else (0, 0)
+    if encoders_training and config.text_encoder_steps and step >= config.text_encoder_steps:
+        # Resumed past the point where the loop below freezes the encoders.
+        for encoder in trained_text_encoders:
+            encoder.requires_grad_(False)
+            encoder.eval()
+        encoders_training = False
+        prompt_cache = encode_cached()
     accumulated = torch.zeros((), device=device)
     last_report = -math.inf
     final_files: list[CheckpointFile] = []
     save_at = set(config.save_checkpoints_at)
-    for m in trained_models:
-        m.train()
 
     while step < total:
         if hooks.should_cancel():
@@ -1051,6 +1161,14 @@ def _train(
             files = save_checkpoint(step, final=step == total)
             if step == total:
                 final_files = files
+        if (
+            state_dir is not None
+            and step < total
+            and (step in save_at or (state_every_steps and step % state_every_steps == 0))
+        ):
+            # After the checkpoint: a state at step N implies checkpoint N is
+            # published, so a resumed run never has to write it again.
+            save_state(step, images_seen)
 
     for m in trained_models:
         m.eval()
@@ -1060,6 +1178,74 @@ def _train(
         images_seen=images_seen,
         pipeline=pipe if return_pipeline else None,
     )
+
+
+def _state_fingerprint(
+    config: TrainConfig, family: str, images: list[TrainImage], class_images: list[TrainImage]
+) -> str:
+    """A hash of what decides a run's course: config, family, images (bytes, order, captions).
+
+    A saved state is resumed only under the same fingerprint; file contents
+    rather than paths, since a retried job may prepare its images afresh.
+    """
+    digest = hashlib.sha256()
+    head = {"config": config.model_dump(mode="json"), "family": family}
+    digest.update(json.dumps(head, sort_keys=True).encode())
+    for kind, items in (("instance", images), ("class", class_images)):
+        digest.update(f"\n{kind}\n".encode())
+        for item in items:
+            digest.update(f"{sha256_file(item.path)}\0{item.caption}\n".encode())
+    return digest.hexdigest()
+
+
+def _matching_state(
+    state_dir: Path, fingerprint: str, params: dict[str, torch.Tensor], total: int
+) -> TrainState | None:
+    """The state in `state_dir` when it belongs to this run, else None (reason logged)."""
+    try:
+        state = load_train_state(state_dir)
+    except ValueError as exc:
+        reason = str(exc)
+    else:
+        step = state.meta.get("step")
+        weights = state.weights
+        if state.meta.get("config_hash") != fingerprint:
+            reason = "it was saved for another config, model family or image set"
+        elif not isinstance(step, int) or not 0 < step < total:
+            reason = f"its step {step!r} is outside 1..{total - 1}"
+        elif weights.keys() != params.keys() or any(
+            weights[k].shape != p.shape for k, p in params.items()
+        ):
+            reason = "its weights do not match the trained parameters"
+        else:
+            return state
+    log.warning("ignoring the training state in %s: %s; starting afresh", state_dir, reason)
+    return None
+
+
+def _python_random_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_random_state(state: list[Any]) -> None:
+    version, internal, gauss = state
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _numpy_random_state() -> list[Any]:
+    import numpy as np
+
+    legacy: Any = np.random.get_state(legacy=True)
+    name, keys, pos, has_gauss, cached = legacy
+    return [name, keys.tolist(), pos, has_gauss, cached]
+
+
+def _set_numpy_random_state(state: list[Any]) -> None:
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = state
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def generate_class_images(

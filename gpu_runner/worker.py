@@ -79,6 +79,8 @@ class JobContext:
     checkpoints: int = 0
     images: int = 0
     final_checkpoint: CheckpointSaved | None = None
+    #: A previous attempt already finished training (its final checkpoint is recorded).
+    trained: bool = False
 
 
 class Runner:
@@ -192,7 +194,18 @@ class Runner:
                 continue
             job_dir = self.data_dir / "jobs" / job_id
             job_dir.mkdir(parents=True, exist_ok=True)
-            return JobContext(job_id, state.tenant, spec, version + 1, job_dir)
+            # A new attempt continues the numbering of ids and skips work that an
+            # earlier attempt finished and recorded.
+            return JobContext(
+                job_id,
+                state.tenant,
+                spec,
+                version + 1,
+                job_dir,
+                checkpoints=len(state.checkpoints),
+                images=len(state.images),
+                trained=any(c.final for c in state.checkpoints),
+            )
         return None
 
     async def _run_job(self, job: JobContext) -> None:
@@ -260,14 +273,26 @@ class Runner:
 
     def _execute(self, job: JobContext) -> None:
         spec = job.spec
-        if spec.train is not None:
+        if spec.train is not None and not job.trained:
             self._train(job)
+        # Images are recorded a whole generate entry at a time: entries covered by
+        # the images an earlier attempt recorded are done.
+        already = job.images
         for index, params in enumerate(spec.generate):
+            if already >= params.num_images:
+                already -= params.num_images
+                continue
             self._generate(job, index, params)
 
     def _train(self, job: JobContext) -> None:
         from gpu_runner.models import resolve_model
-        from gpu_runner.training import TrainHooks, TrainImage, check_device_support, train
+        from gpu_runner.training import (
+            TrainHooks,
+            TrainImage,
+            check_device_support,
+            load_state_step,
+            train,
+        )
 
         spec = job.spec
         config = spec.train
@@ -320,6 +345,10 @@ class Runner:
             on_checkpoint=on_checkpoint,
         )
         out_dir = job.job_dir / "checkpoints"
+        state_dir = job.job_dir / "state"
+        resumed_from = load_state_step(state_dir)
+        if resumed_from is not None:
+            log.info("job.resuming", job_id=job.job_id, step=resumed_from)
         train(
             ref.path,
             ref.family,
@@ -330,7 +359,11 @@ class Runner:
             self.device,
             hooks,
             single_file_config=ref.config if ref.single_file else None,
+            state_dir=state_dir,
+            state_every_steps=self.settings.jobs.state_every_steps,
         )
+        # The final checkpoint is the result; the resumable state is no longer needed.
+        shutil.rmtree(state_dir, ignore_errors=True)
 
     def _prepare_dataset(self, job: JobContext) -> list[Any]:
         from gpu_runner.dataset import DatasetError, prepare_dataset
