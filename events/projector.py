@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from events.projections import JOB_STREAM_PREFIX, JobState, evolve
-from events.store import SQLiteEventStore, set_tracking
+from events.store import SQLiteEventStore, gc_paused, set_tracking
 from events.types import RecordedEvent
 
 log = structlog.get_logger(__name__)
@@ -182,13 +182,8 @@ class JobProjector:
             states = {k: self._cache[k] for k in wanted if k in self._cache}
             states.update(_load_states(conn, wanted - states.keys()))
             changed: dict[str, JobState] = {}
-            for recorded in events:
-                if not recorded.stream_id.startswith(JOB_STREAM_PREFIX):
-                    continue
-                new = evolve(states.get(recorded.stream_id), recorded)
-                if new is not None:
-                    states[recorded.stream_id] = new
-                    changed[recorded.stream_id] = new
+            with gc_paused():
+                _fold_into(states, changed, events)
             if changed:
                 conn.executemany(
                     "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -211,6 +206,19 @@ class JobProjector:
         if len(self._cache) + len(changed) > _CACHE_LIMIT:
             self._cache.clear()
         self._cache.update(changed)
+
+
+def _fold_into(
+    states: dict[str, JobState], changed: dict[str, JobState], events: Sequence[RecordedEvent]
+) -> None:
+    """Apply `events` to `states` (by stream), noting every state that changed."""
+    for recorded in events:
+        if not recorded.stream_id.startswith(JOB_STREAM_PREFIX):
+            continue
+        new = evolve(states.get(recorded.stream_id), recorded)
+        if new is not None:
+            states[recorded.stream_id] = new
+            changed[recorded.stream_id] = new
 
 
 class _Moved(Exception):

@@ -51,7 +51,7 @@ from aiohttp import web
 
 from events.projections import job_stream
 from events.projector import JOB_EVENT_TYPES
-from events.store import decode_row
+from events.store import decode_rows
 from events.types import JOB_TERMINAL_TYPES, RecordedEvent
 from service.errors import ApiError, not_found
 from service.keys import SHUTTING_DOWN, STORE, TENANT
@@ -156,7 +156,7 @@ def _read_job(conn: sqlite3.Connection, stream_id: str, after: int, limit: int) 
         "ORDER BY version LIMIT ?",
         (stream_id, after, limit),
     ).fetchall()
-    events = [decode_row(*row) for row in rows]
+    events = decode_rows(rows)
     if len(events) == limit:
         return _ReplayBatch(events, events[-1].position, at_head=False)
     return _ReplayBatch(events, int(head), at_head=True)
