@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 TEST_TIMEOUT ?= 900
 
-.PHONY: all install test lint typecheck demo bench bench-quick faults lock clean catalogue
+.PHONY: all install test lint demo bench bench-quick faults lock clean catalogue
 
 all: test
 
@@ -38,6 +38,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	for b in $(BENCHES); do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+faults: $(STAMP)
+	BOOTHD_FAULT_SEEDS=10 BOOTHD_FUZZ_EXAMPLES=3000 $(PY) -m pytest -q -p no:cacheprovider tests/faults tests/fuzz
 
 catalogue: $(STAMP)
 	$(PY) -m events.catalogue --write README.md
