@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from events.settings import LimitSettings
 from gpu_runner.dataset import (
@@ -128,7 +129,7 @@ async def receive_upload(request: web.Request, staging: Path, limit: int) -> Rec
     (no boundary, no starting boundary, broken part headers) is 400 `invalid_upload`."""
     try:
         return await _receive_upload(request, staging, limit)
-    except ValueError as exc:  # aiohttp's multipart reader on a malformed body
+    except (ValueError, HttpProcessingError) as exc:  # the multipart reader on a malformed body
         raise ApiError(400, "invalid_upload", f"malformed multipart body: {exc}") from None
 
 

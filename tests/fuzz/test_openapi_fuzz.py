@@ -428,7 +428,15 @@ def test_unknown_paths_and_methods_answer_4xx(server: Server) -> None:
 
 @pytest.mark.parametrize(
     ("content_type", "body"),
-    [("multipart/form-data", b""), ("multipart/form-data; boundary=zz", b"not multipart")],
+    [
+        ("multipart/form-data", b""),
+        ("multipart/form-data; boundary=zz", b"not multipart"),
+        # a part header with control bytes (found by schemathesis)
+        (
+            "multipart/form-data; boundary=zz",
+            b'--zz\r\nContent-Disposition: form-data; name="4#\xf2(\x1a"\r\n\r\nx\r\n--zz--\r\n',
+        ),
+    ],
 )
 def test_malformed_multipart_is_a_4xx(server: Server, content_type: str, body: bytes) -> None:
     """POST /v1/datasets with a multipart type but no boundary, or a body that does not
