@@ -174,12 +174,21 @@ async def main() -> None:
             end = _rss(proc.pid)
             # let the queue drain a little, then count what finished
             await asyncio.sleep(5)
-            page = await call("GET /v1/jobs", "GET", "/v1/jobs?state=succeeded&limit=100")
+            completed = 0
+            cursor = ""
+            while True:  # count every succeeded job, page by page
+                page = await call("GET /v1/jobs", "GET",
+                                  f"/v1/jobs?state=succeeded&limit=100{cursor}")
+                if not isinstance(page, dict):
+                    break
+                completed += len(page["jobs"])
+                if not page.get("next_cursor"):
+                    break
+                cursor = f"&cursor={page['next_cursor']}"
             health = await call("GET /healthz", "GET", "/healthz")
         proc.send_signal(signal.SIGTERM)
         await proc.wait()
     await hook_runner.cleanup()
-    completed = len(page["jobs"]) if isinstance(page, dict) else 0
     emit(
         errors=len(errors),
         error_samples=errors[:5],

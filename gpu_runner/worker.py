@@ -57,6 +57,23 @@ GRACEFUL_STOP_REASON = "runner stopped before the job finished"
 PROGRESS_INTERVAL_SECONDS = 0.5
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is, or wraps, ENOSPC. safetensors' Rust writer raises
+    `SafetensorError("... No space left on device (os error 28)")` and torch.save a
+    RuntimeError: neither is an OSError, so the text is checked as well."""
+    current: BaseException | None = exc
+    for _ in range(10):  # the cause/context chain, bounded
+        if current is None:
+            return False
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        text = str(current)
+        if "No space left on device" in text or "os error 28" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def runner_stream(runner_id: str) -> str:
     return f"runner-{runner_id}"
 
@@ -231,8 +248,12 @@ class Runner:
                 log.exception("job.os_error", job_id=job.job_id)
                 outcome = JobFailed(code="io_error", message=str(exc))
         except Exception as exc:
-            log.exception("job.crashed", job_id=job.job_id)
-            outcome = JobFailed(code="internal_error", message=f"{type(exc).__name__}: {exc}")
+            if is_disk_full(exc):  # ENOSPC wrapped by a library (safetensors, torch.save)
+                log.warning("job.disk_full", job_id=job.job_id, error=str(exc))
+                outcome = JobFailed(code="disk_full", message=f"no space left on device: {exc}")
+            else:
+                log.exception("job.crashed", job_id=job.job_id)
+                outcome = JobFailed(code="internal_error", message=f"{type(exc).__name__}: {exc}")
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
