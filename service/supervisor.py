@@ -123,10 +123,6 @@ class RunnerSupervisor:
             for s in self.slots
         ]
 
-    @property
-    def healthy(self) -> bool:
-        return all(s.state == "running" for s in self.slots)
-
     # ------------------------------------------------------------ internals
 
     def _command(self, slot: RunnerSlot) -> list[str]:

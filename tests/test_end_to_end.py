@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -155,8 +154,3 @@ async def test_sigterm_with_a_job_running_exits_cleanly_and_requeues(tmp_path: P
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 60)
-
-
-def test_demo_module_is_importable_without_side_effects() -> None:
-    """`make demo` runs service.demo as a script; importing it starts nothing."""
-    assert "service.demo" in sys.modules
