@@ -149,7 +149,9 @@ class JobProjector:
     async def sync(self, timeout: float = 2.0) -> None:
         """Read-your-writes: wait (briefly) until every event committed so far, by any
         process, is in the read model. On timeout the caller reads a slightly stale model."""
-        head = await self.store.head()
+        head = self.store.fresh_head()
+        if head is None:
+            head = await self.store.head()
         if self.position < head:
             with contextlib.suppress(TimeoutError):
                 await self.wait_for(head, timeout)

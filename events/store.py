@@ -216,6 +216,9 @@ class SQLiteEventStore:
         self._wake_writer = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._known_head = 0
+        # Whether another process may have committed since head() last looked
+        # (set by every cross-process wake-up; True until a listener exists).
+        self._maybe_behind = True
         self._waiters: set[asyncio.Future[None]] = set()
         self._nudger = CommitNudger(self._notify_dir)
         self._listener: CommitListener | None = None
@@ -434,9 +437,21 @@ class SQLiteEventStore:
             return int(value)
 
         assert self._reader is not None
+        if self._listener is not None:
+            # Cleared before reading: a wake-up arriving meanwhile sets it again.
+            self._maybe_behind = False
         head = await self._on_thread(self._reader, body)
         self._known_head = max(self._known_head, head)
         return head
+
+    def fresh_head(self) -> int | None:
+        """The head as known without a query, or None when another process may have
+        committed since it was last read (then call `head()`)."""
+        return None if self._maybe_behind else self._known_head
+
+    def _remote_commit(self) -> None:
+        self._maybe_behind = True
+        self._wake_waiters()
 
     async def stream_version(self, stream_id: str) -> int:
         """The current version of a stream (0 when it does not exist)."""
@@ -459,7 +474,7 @@ class SQLiteEventStore:
 
     def _ensure_listener(self) -> None:
         if self._listener is None:
-            self._listener = CommitListener(self._notify_dir, self._wake_waiters)
+            self._listener = CommitListener(self._notify_dir, self._remote_commit)
             self._listener.start()
             self._nudger.set_own_token(self._listener.token)
 
