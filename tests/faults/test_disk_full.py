@@ -75,7 +75,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     jobs.mkdir(parents=True)
     problem = _mount_tmpfs(jobs, FS_SIZE)
     if problem is not None:
-        pytest.skip(f"cannot mount a tmpfs (needs root / CAP_SYS_ADMIN): {problem}")
+        # Fail, not skip: a skipped fault test would pass CI while proving nothing.
+        # CI runs as root here; elsewhere run it where tmpfs can be mounted.
+        pytest.fail(f"cannot mount a tmpfs (needs root / CAP_SYS_ADMIN): {problem}")
     store: SQLiteEventStore | None = None
     supervisor: RunnerSupervisor | None = None
     try:
