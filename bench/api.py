@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import statistics
 import sys
@@ -26,6 +25,9 @@ from pathlib import Path
 import aiohttp
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from service.demo import start_server
+
 ROOT = Path(__file__).resolve().parent.parent
 
 JOB = {"type": "image_gen", "generate": [{"prompt": "photo of sks dog", "steps": 2}]}
@@ -33,17 +35,6 @@ JOB = {"type": "image_gen", "generate": [{"prompt": "photo of sks dog", "steps":
 
 def emit(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
-
-
-async def start_server(data: Path) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "--log-level", "warning", "serve", "--no-runners",
-        "--data-dir", str(data), "--port", "0",
-        stdout=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
-    return proc, line.removeprefix("boothd listening on ")
 
 
 async def rate(seconds: float, workers: int, call: object) -> float:
@@ -70,7 +61,7 @@ async def main() -> None:
     fanout_events = 10 if args.quick else 40
 
     with tempfile.TemporaryDirectory(prefix="boothd-bench-api-") as tmp:
-        proc, url = await start_server(Path(tmp) / "data")
+        proc, url = await start_server(Path(tmp) / "data", "--no-runners")
         server = psutil.Process(proc.pid)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:

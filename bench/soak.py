@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import random
 import signal
 import statistics
@@ -33,6 +32,9 @@ import psutil
 from aiohttp import web
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from service.demo import start_server
+
 ROOT = Path(__file__).resolve().parent.parent
 
 GEN = {"type": "image_gen", "generate": [
@@ -43,20 +45,13 @@ def emit(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
 
 
-async def start_server(data: Path) -> tuple[asyncio.subprocess.Process, str]:
-    config = data.parent / "soak.toml"
+def write_soak_config(folder: Path) -> Path:
+    config = folder / "soak.toml"
     config.write_text(
         "[network]\nallow_private_urls = true\n"
         "[webhooks]\nprogress_interval_seconds = 1.0\nretry_schedule_seconds = [0.5, 1.0]\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "--log-level", "warning", "serve",
-        "--config", str(config), "--data-dir", str(data), "--port", "0",
-        stdout=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode().strip()
-    return proc, line.removeprefix("boothd listening on ")
+    return config
 
 
 def _png(i: int) -> bytes:
@@ -101,7 +96,9 @@ async def main() -> None:
     hook_port = hook_runner.addresses[0][1]
 
     with tempfile.TemporaryDirectory(prefix="boothd-soak-") as tmp:
-        proc, url = await start_server(Path(tmp) / "data")
+        proc, url = await start_server(
+            Path(tmp) / "data", "--config", str(write_soak_config(Path(tmp)))
+        )
         async with aiohttp.ClientSession() as session:
 
             async def call(route: str, method: str, path: str, **kw: object) -> object:

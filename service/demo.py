@@ -34,17 +34,23 @@ def make_sample_images(folder: Path, n: int = 5) -> Path:
     return folder
 
 
-async def start_server(data_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
+async def start_server(
+    data_dir: Path, *serve_args: str, timeout: float = 120.0
+) -> tuple[asyncio.subprocess.Process, str]:
+    """Start `boothd serve` on a free loopback port with its data in `data_dir`
+    (extra `serve` flags such as `--no-runners` or `--config FILE` appended);
+    return the process and its URL once it listens."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service", "--log-level", "warning", "serve",
-        "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", "0",
+        "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", "0", *serve_args,
         stdout=asyncio.subprocess.PIPE,
-        env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"),
+        env=dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONPATH=str(ROOT)),
     )
     assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode().strip()
+    line = (await asyncio.wait_for(proc.stdout.readline(), timeout)).decode().strip()
     if not line.startswith("boothd listening on "):
         proc.kill()
+        await proc.wait()
         raise RuntimeError(f"server did not start: {line!r}")
     return proc, line.removeprefix("boothd listening on ")
 

@@ -11,10 +11,8 @@ projections rebuilt from the log equal the live ones; the database passes
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +21,10 @@ import aiohttp
 from events.projections import JOB_STREAM_PREFIX
 from events.projector import read_model_rows
 from events.store import SQLiteEventStore
+from service.demo import start_server
 from tests.faults.common import folded_jobs, gen_job, read_log, rebuilt_rows_of_copy
 
 BURST = 200
-
-
-async def start_server(data_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
-    """Like `service.demo.start_server`, without runners."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "--log-level", "error", "serve", "--no-runners",
-        "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", "0",
-        stdout=asyncio.subprocess.PIPE,
-        env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"),
-    )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
-    if not line.startswith("boothd listening on "):
-        proc.kill()
-        await proc.wait()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return proc, line.removeprefix("boothd listening on ")
 
 
 async def stop(proc: asyncio.subprocess.Process) -> None:
@@ -69,7 +51,7 @@ async def test_acknowledged_submissions_survive_sigkill_mid_burst(tmp_path: Path
     """SIGKILL during 200 concurrent submissions: every 2xx job exists after a restart,
     the listing equals the fold of the log, rebuilt projections equal the live ones."""
     data = tmp_path / "data"
-    proc, url = await start_server(data)
+    proc, url = await start_server(data, "--no-runners")
     answered: list[tuple[int, str | None]] = []
     errors: list[BaseException] = []
     try:
@@ -103,7 +85,7 @@ async def test_acknowledged_submissions_survive_sigkill_mid_burst(tmp_path: Path
     assert len(acked) >= BURST // 4
     assert errors, "the kill did not interrupt the burst"
 
-    proc, url = await start_server(data)
+    proc, url = await start_server(data, "--no-runners")
     try:
         async with aiohttp.ClientSession() as session:
             for job_id in acked:
