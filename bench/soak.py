@@ -4,7 +4,7 @@ Load: job submissions (tiny `image_gen` and, every few, a tiny LoRA
 `dreambooth`), GET polls of those jobs and of the job list, SSE subscribers on
 `/v1/events`, and a global webhook whose receiver (an aiohttp app in this
 process) gets every job event. RSS of the service and of its runner is sampled
-after a warm-up and at the end.
+after a warm-up and at the end (and printed once a minute).
 
 Last line: {"errors", "p99_ms": {route: ms}, "rss_growth_pct": {"service", "runner"},
 "events_appended", "jobs_completed", "webhook_deliveries", "minutes"}.
@@ -163,9 +163,17 @@ async def main() -> None:
                 await asyncio.sleep(warmup)
                 return _rss(proc.pid)
 
+            async def trajectory() -> None:
+                # one line a minute, so growth can be told from warm-up
+                started = time.monotonic()
+                while time.monotonic() + 60 < deadline:
+                    await asyncio.sleep(60)
+                    emit(minute=round((time.monotonic() - started) / 60), rss=_rss(proc.pid),
+                         errors=len(errors), jobs_submitted=len(job_ids))
+
             tasks = [asyncio.create_task(t) for t in
                      (submitter(), *(poller() for _ in range(4)),
-                      *(subscriber() for _ in range(20)))]
+                      *(subscriber() for _ in range(20)), trajectory())]
             baseline = await sampler()
             await asyncio.gather(*tasks)
             end = _rss(proc.pid)

@@ -11,9 +11,7 @@ class ConcurrencyError(EventStoreError):
     """An append named an expected stream version that is no longer current."""
 
     def __init__(self, stream_id: str, expected: int, actual: int) -> None:
-        super().__init__(
-            f"stream {stream_id!r} is at version {actual}, append expected {expected}"
-        )
+        super().__init__(f"stream {stream_id!r} is at version {actual}, append expected {expected}")
         self.stream_id = stream_id
         self.expected = expected
         self.actual = actual

@@ -8,7 +8,7 @@ dropped and rebuilt byte for byte (`boothd rebuild-projections`).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,32 @@ def job_stream(job_id: str) -> str:
 
 class _State(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+S = TypeVar("S", bound=_State)
+_set_attr = object.__setattr__
+
+
+def _replace(state: S, update: dict[str, Any]) -> S:
+    """`state.model_copy(update=update)` without pydantic's generic copy machinery.
+
+    The fold runs once per event on every rebuild, and the generic path
+    (`__copy__` plus three `copy.copy` calls plus the update bookkeeping) was
+    a third of the rebuild time. The state models have no extras and no
+    private attributes, so a copy is a new `__dict__` and a new fields-set;
+    tests/events/test_projections.py checks the result equals `model_copy`'s.
+    Like `model_copy`, `update` is not validated: callers pass values of the
+    right types (they come from validated events).
+    """
+    cls = type(state)
+    new = cls.__new__(cls)
+    values = state.__dict__.copy()
+    values.update(update)
+    _set_attr(new, "__dict__", values)
+    _set_attr(new, "__pydantic_fields_set__", state.__pydantic_fields_set__ | update.keys())
+    _set_attr(new, "__pydantic_extra__", None)
+    _set_attr(new, "__pydantic_private__", None)
+    return new
 
 
 class Progress(_State):
@@ -162,15 +188,18 @@ def evolve(state: JobState | None, recorded: RecordedEvent) -> JobState | None:
             dataset_rejected=[r.model_dump() for r in event.rejected],
         )
     elif isinstance(event, TrainingProgressed):
-        # model_construct: the values come from an already validated event, and
+        # _replace: the values come from an already validated event, and
         # progress events are most of the log (rebuild speed).
-        update["progress"] = Progress.model_construct(
-            step=event.step,
-            total_steps=event.total_steps,
-            loss=event.loss,
-            learning_rate=event.learning_rate,
-            first_step_at=state.progress.first_step_at or at,
-            updated_at=at,
+        update["progress"] = _replace(
+            state.progress,
+            {
+                "step": event.step,
+                "total_steps": event.total_steps,
+                "loss": event.loss,
+                "learning_rate": event.learning_rate,
+                "first_step_at": state.progress.first_step_at or at,
+                "updated_at": at,
+            },
         )
     elif isinstance(event, CheckpointSaved):
         update["checkpoints"] = [
@@ -217,11 +246,11 @@ def evolve(state: JobState | None, recorded: RecordedEvent) -> JobState | None:
     elif isinstance(event, JobRequeued):
         attempts = list(state.attempts)
         if attempts:
-            attempts[-1] = attempts[-1].model_copy(update={"interrupted": event.reason})
+            attempts[-1] = _replace(attempts[-1], {"interrupted": event.reason})
         update.update(state="queued", attempts=attempts)
     elif isinstance(event, JobArtifactsDeleted):
         update["data_removed"] = True
-    return state.model_copy(update=update)
+    return _replace(state, update)
 
 
 def fold(events: list[RecordedEvent]) -> JobState | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -63,7 +64,10 @@ CREATE TABLE IF NOT EXISTS artifacts (
 """
 
 TRACKING_NAME = "jobs"
-_CACHE_LIMIT = 20_000
+#: How many job states the projector keeps in memory (least recently changed
+#: first out). A catch-up batch touches a few hundred jobs; more would only
+#: make a long-running service grow with the number of jobs it has seen.
+CACHE_LIMIT = 1024
 
 
 def _row(state: JobState) -> tuple[Any, ...]:
@@ -104,8 +108,9 @@ class JobProjector:
         self.position = 0
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        # States of recently changed jobs, so a catch-up over many batches does
-        # not re-read and re-parse every job row per batch.
+        # States of recently changed jobs (insertion order = least recently
+        # changed first), so a catch-up over many batches does not re-read and
+        # re-parse every job row per batch.
         self._cache: dict[str, JobState] = {}
         self.caught_up = asyncio.Event()
 
@@ -205,9 +210,22 @@ class JobProjector:
             self.position = moved.position
             return
         self.position = up_to
-        if len(self._cache) + len(changed) > _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache.update(changed)
+        self._remember(changed)
+
+    def _remember(self, changed: dict[str, JobState]) -> None:
+        cache = self._cache
+        for stream_id, state in changed.items():
+            cache.pop(stream_id, None)  # re-inserted: now the most recently changed
+            cache[stream_id] = state
+        excess = len(cache) - CACHE_LIMIT
+        if excess > 0:
+            for stream_id in list(itertools.islice(cache, excess)):
+                del cache[stream_id]
+
+    @property
+    def cached_jobs(self) -> int:
+        """How many job states are held in memory (bounded by `CACHE_LIMIT`)."""
+        return len(self._cache)
 
 
 def _fold_into(

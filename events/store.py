@@ -145,7 +145,11 @@ def decode_row(
     except ValidationError as exc:
         raise EventDecodeError(position, etype, f"data does not decode: {exc}") from None
     return RecordedEvent(
-        position, stream_id, version, datetime.fromisoformat(recorded_at), event  # type: ignore[arg-type]
+        position,
+        stream_id,
+        version,
+        datetime.fromisoformat(recorded_at),
+        event,  # type: ignore[arg-type]
     )
 
 

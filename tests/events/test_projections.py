@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from events.projections import job_stream
+from events import projections
+from events import projector as projector_module
+from events.projections import fold, job_stream
 from events.projector import JobProjector, read_model_rows, rebuild_job_read_model
 from events.store import ANY_VERSION, NO_STREAM, SQLiteEventStore
 from events.types import (
@@ -22,6 +26,7 @@ from events.types import (
     JobStarted,
     JobSubmitted,
     JobSucceeded,
+    RecordedEvent,
     TrainingProgressed,
 )
 
@@ -125,6 +130,36 @@ def test_incremental_equals_rebuild_and_restart(
     _run(scenario())
 
 
+def _recorded(script: list[tuple[str, Event]], job_id: str) -> list[RecordedEvent]:
+    """The stream of one job in `script`, as the store would record it."""
+    events: list[Event] = [submitted(job_id), *(e for j, e in script if j == job_id)]
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        RecordedEvent(i * 7 + 3, job_stream(job_id), i, start + timedelta(seconds=i), event)
+        for i, event in enumerate(events, start=1)
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(script=scripts)
+def test_fast_state_copy_matches_model_copy(script: list[tuple[str, Event]]) -> None:
+    """`evolve` copies states with `_replace`; folding with pydantic's own `model_copy`
+    instead gives equal states, the same fields-set and the same JSON."""
+    fast = {j: fold(_recorded(script, j)) for j in JOB_IDS}
+    with mock.patch.object(
+        projections, "_replace", lambda state, update: state.model_copy(update=update)
+    ):
+        reference = {j: fold(_recorded(script, j)) for j in JOB_IDS}
+    for job_id in JOB_IDS:
+        a, b = fast[job_id], reference[job_id]
+        assert a is not None and b is not None
+        assert a == b
+        assert a.model_dump_json() == b.model_dump_json()
+        assert a.model_fields_set == b.model_fields_set
+        assert a.progress.model_fields_set == b.progress.model_fields_set
+        assert [x.model_fields_set for x in a.attempts] == [x.model_fields_set for x in b.attempts]
+
+
 async def test_read_model_reflects_job_lifecycle(tmp_path: Path) -> None:
     """Submitted → started → progress → checkpoint → succeeded shows in the jobs table."""
     store = await SQLiteEventStore.open(tmp_path / "events.db")
@@ -138,8 +173,14 @@ async def test_read_model_reflects_job_lifecycle(tmp_path: Path) -> None:
             JobStarted(runner_id="r", device="cpu"),
             TrainingProgressed(step=5, total_steps=10, loss=0.1, learning_rate=1e-4),
             CheckpointSaved(
-                checkpoint_id="c1", kind="lora", step=10, format="safetensors", path="p",
-                size_bytes=3, sha256="0" * 64, final=True,
+                checkpoint_id="c1",
+                kind="lora",
+                step=10,
+                format="safetensors",
+                path="p",
+                size_bytes=3,
+                sha256="0" * 64,
+                final=True,
             ),
             JobSucceeded(),
         ],
@@ -166,3 +207,36 @@ async def test_projector_follows_live_commits(tmp_path: Path) -> None:
     assert len(await read_model_rows(store)) == 1
     await projector.stop()
     await store.close()
+
+
+async def test_projector_memory_is_bounded_and_evicted_jobs_reload(tmp_path: Path) -> None:
+    """The projector keeps at most CACHE_LIMIT job states in memory (a long-running
+    service must not grow with every job it has seen); a job whose state was evicted
+    is re-read from its row on its next event, so the read model stays exact."""
+    store = await SQLiteEventStore.open(tmp_path / "events.db")
+    try:
+        with mock.patch.object(projector_module, "CACHE_LIMIT", 8):
+            projector = JobProjector(store, batch_size=5)
+            await projector.start()
+            jobs = [f"m{i:02d}" for i in range(30)]
+            for job_id in jobs:
+                await store.append(job_stream(job_id), NO_STREAM, [submitted(job_id)])
+            await projector.wait_for(await store.head())
+            assert projector.cached_jobs == 8
+            # the oldest jobs were evicted: their next events must fold onto the stored rows
+            for job_id in jobs[:5]:
+                await store.append(
+                    job_stream(job_id),
+                    ANY_VERSION,
+                    [JobStarted(runner_id="r1", device="cpu"), JobSucceeded()],
+                )
+            await projector.wait_for(await store.head())
+            assert projector.cached_jobs == 8
+            await projector.stop()
+        live = await read_model_rows(store)
+        states = {row[0]: row[3] for row in live if len(row) > 4}
+        assert [states[j] for j in jobs[:6]] == ["succeeded"] * 5 + ["queued"]
+        await rebuild_job_read_model(store)
+        assert await read_model_rows(store) == live
+    finally:
+        await store.close()

@@ -29,7 +29,10 @@ async def test_append_returns_gap_free_positions_in_order(store: EventStore) -> 
     everything = await store.read_all()
     assert [e.position for e in everything] == [1, 2, 3, 4]
     assert [(e.stream_id, e.version) for e in everything] == [
-        ("job-a", 1), ("job-a", 2), ("job-b", 1), ("job-a", 3),
+        ("job-a", 1),
+        ("job-a", 2),
+        ("job-b", 1),
+        ("job-a", 3),
     ]
     stream = await store.read_stream("job-a")
     assert [e.event for e in stream] == [progress(1), progress(2), progress(3)]
