@@ -32,6 +32,7 @@ class CommitNudger:
 
     def __init__(self, folder: Path, own_token: str | None = None) -> None:
         self._folder = folder
+        self._folder_str = str(folder)  # stat() per commit: skip pathlib's overhead
         self._own = own_token
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
@@ -43,7 +44,7 @@ class CommitNudger:
 
     def _refresh(self) -> None:
         try:
-            mtime = self._folder.stat().st_mtime_ns
+            mtime = os.stat(self._folder_str).st_mtime_ns
         except FileNotFoundError:
             self._names = []
             return

@@ -63,7 +63,12 @@ def _replace(state: S, update: dict[str, Any]) -> S:
     values = state.__dict__.copy()
     values.update(update)
     _set_attr(new, "__dict__", values)
-    _set_attr(new, "__pydantic_fields_set__", state.__pydantic_fields_set__ | update.keys())
+    fields_set = state.__pydantic_fields_set__
+    if not update.keys() <= fields_set:
+        # A new set only when a field is set for the first time; otherwise the
+        # (never mutated: the models are frozen) set is shared with `state`.
+        fields_set = fields_set | update.keys()
+    _set_attr(new, "__pydantic_fields_set__", fields_set)
     _set_attr(new, "__pydantic_extra__", None)
     _set_attr(new, "__pydantic_private__", None)
     return new

@@ -65,9 +65,10 @@ CREATE TABLE IF NOT EXISTS artifacts (
 
 TRACKING_NAME = "jobs"
 #: How many job states the projector keeps in memory (least recently changed
-#: first out). A catch-up batch touches a few hundred jobs; more would only
-#: make a long-running service grow with the number of jobs it has seen.
-CACHE_LIMIT = 1024
+#: first out). Between catch-up batches only the jobs whose events go on need to
+#: stay, and those are the most recently changed; keeping more would make a
+#: long-running service grow with every job it has seen (about 4 KB each).
+CACHE_LIMIT = 256
 
 
 def _row(state: JobState) -> tuple[Any, ...]:
