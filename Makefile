@@ -40,7 +40,7 @@ bench-quick: $(STAMP)
 	for b in $(BENCHES); do echo "== $$b"; $(PY) $$b --quick || exit 1; done
 
 faults: $(STAMP)
-	BOOTHD_FAULT_SEEDS=10 BOOTHD_FUZZ_EXAMPLES=3000 $(PY) -m pytest -q -p no:cacheprovider tests/faults tests/fuzz
+	BOOTHD_FAULT_SEEDS=10 BOOTHD_FAULT_BURST=500 BOOTHD_FUZZ_EXAMPLES=3000 $(PY) -m pytest -q -p no:cacheprovider tests/faults tests/fuzz
 
 catalogue: $(STAMP)
 	$(PY) -m events.catalogue --write README.md

@@ -11,6 +11,7 @@ projections rebuilt from the log equal the live ones; the database passes
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 from pathlib import Path
@@ -24,7 +25,8 @@ from events.store import SQLiteEventStore
 from service.demo import start_server
 from tests.faults.common import folded_jobs, gen_job, read_log, rebuilt_rows_of_copy
 
-BURST = 200
+# 200 concurrent submissions in `make test`; `make faults` sets 500 (the issue's figure).
+BURST = int(os.environ.get("BOOTHD_FAULT_BURST", "200"))
 
 
 async def stop(proc: asyncio.subprocess.Process) -> None:
@@ -48,7 +50,7 @@ async def list_all(session: aiohttp.ClientSession, url: str) -> dict[str, dict[s
 
 
 async def test_acknowledged_submissions_survive_sigkill_mid_burst(tmp_path: Path) -> None:
-    """SIGKILL during 200 concurrent submissions: every 2xx job exists after a restart,
+    """SIGKILL during BURST concurrent submissions: every 2xx job exists after a restart,
     the listing equals the fold of the log, rebuilt projections equal the live ones."""
     data = tmp_path / "data"
     proc, url = await start_server(data, "--no-runners")
