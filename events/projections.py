@@ -53,8 +53,9 @@ def _replace(state: S, update: dict[str, Any]) -> S:
     The fold runs once per event on every rebuild, and the generic path
     (`__copy__` plus three `copy.copy` calls plus the update bookkeeping) was
     a third of the rebuild time. The state models have no extras and no
-    private attributes, so a copy is a new `__dict__` and a new fields-set;
-    tests/events/test_projections.py checks the result equals `model_copy`'s.
+    private attributes, so a copy is a new `__dict__` (and a new fields-set
+    when a field is set for the first time); tests/events/test_projections.py
+    checks the result equals `model_copy`'s, fields-sets included.
     Like `model_copy`, `update` is not validated: callers pass values of the
     right types (they come from validated events).
     """
