@@ -22,21 +22,32 @@ LONG = {
 GEN = {"prompt": "photo of sks dog", "steps": 2, "seed": 1, "width": 64, "height": 64}
 
 
-async def _running_step(store: SQLiteEventStore, job_id: str) -> None:
+async def _running_step(
+    store: SQLiteEventStore, job_id: str, past: int = 0, poll: float = 0.2
+) -> None:
+    """Wait until the job's reported training step is above `past`."""
     async with asyncio.timeout(120):
-        while (await wait_state(store, job_id, {"running", "failed"})).progress.step == 0:
-            await asyncio.sleep(0.2)
+        while (await wait_state(store, job_id, {"running", "failed"})).progress.step <= past:
+            await asyncio.sleep(poll)
+
+
+async def _supervised(
+    tmp_path: Path, settings: dict[str, object] | None = None
+) -> tuple[Path, SQLiteEventStore, RunnerSupervisor, Settings]:
+    """A data folder with the test dataset and a started supervisor (one runner)."""
+    data = tmp_path / "data"
+    parsed = parse_settings({"storage": {"data_dir": str(data)}, **(settings or {})})
+    store = await SQLiteEventStore.open(data / "events.db")
+    await upload_dataset(store, data, "ds_test")
+    supervisor = RunnerSupervisor(parsed, store, restart_delay=0.1)
+    await supervisor.start()
+    return data, store, supervisor, parsed
 
 
 async def test_sigkill_mid_job_fails_it_and_next_job_runs(tmp_path: Path) -> None:
     """With max_attempts = 1, a runner killed mid-job: the job fails with runner_died,
     the exit code and a hint; a new runner starts and the next job succeeds."""
-    data = tmp_path / "data"
-    settings = parse_settings({"storage": {"data_dir": str(data)}, "jobs": {"max_attempts": 1}})
-    store = await SQLiteEventStore.open(data / "events.db")
-    await upload_dataset(store, data, "ds_test")
-    supervisor = RunnerSupervisor(settings, store, restart_delay=0.1)
-    await supervisor.start()
+    _, store, supervisor, _ = await _supervised(tmp_path, {"jobs": {"max_attempts": 1}})
     try:
         await submit(store, "job_k", {"type": "dreambooth", "train": LONG})
         await _running_step(store, "job_k")
@@ -61,12 +72,7 @@ async def test_sigkill_mid_job_fails_it_and_next_job_runs(tmp_path: Path) -> Non
 async def test_graceful_stop_requeues_and_restart_resumes_queue(tmp_path: Path) -> None:
     """Stopping the supervisor lets the runner stop at a step boundary and requeue its job;
     queued jobs stay queued; a new supervisor runs them."""
-    data = tmp_path / "data"
-    settings = Settings().with_overrides(data_dir=data)
-    store = await SQLiteEventStore.open(data / "events.db")
-    await upload_dataset(store, data, "ds_test")
-    supervisor = RunnerSupervisor(settings, store, restart_delay=0.1)
-    await supervisor.start()
+    _, store, supervisor, settings = await _supervised(tmp_path)
     await submit(store, "job_s", {"type": "dreambooth", "train": LONG})
     await _running_step(store, "job_s")
     await submit(store, "job_q", {"type": "image_gen", "generate": [GEN]})
@@ -91,12 +97,7 @@ async def test_graceful_stop_requeues_and_restart_resumes_queue(tmp_path: Path) 
 async def test_killed_runner_requeues_until_max_attempts(tmp_path: Path) -> None:
     """With max_attempts = 2: the first SIGKILL puts the job back in the queue and a new
     runner starts it as attempt 2; the second fails it, naming both causes."""
-    data = tmp_path / "data"
-    settings = parse_settings({"storage": {"data_dir": str(data)}, "jobs": {"max_attempts": 2}})
-    store = await SQLiteEventStore.open(data / "events.db")
-    await upload_dataset(store, data, "ds_test")
-    supervisor = RunnerSupervisor(settings, store, restart_delay=0.1)
-    await supervisor.start()
+    _, store, supervisor, _ = await _supervised(tmp_path, {"jobs": {"max_attempts": 2}})
     try:
         await submit(store, "job_r", {"type": "dreambooth", "train": LONG})
         await _running_step(store, "job_r")
@@ -128,20 +129,13 @@ async def test_killed_training_resumes_to_bit_identical_weights(tmp_path: Path) 
     """SIGKILL mid-training: the job is requeued, the next attempt resumes from the last
     saved state (not step 0) and its final LoRA file is byte-identical to that of an
     uninterrupted job with the same config and seed."""
-    data = tmp_path / "data"
-    settings = parse_settings(
-        {"storage": {"data_dir": str(data)}, "jobs": {"max_attempts": 3, "state_every_steps": 2}}
+    data, store, supervisor, _ = await _supervised(
+        tmp_path, {"jobs": {"max_attempts": 3, "state_every_steps": 2}}
     )
-    store = await SQLiteEventStore.open(data / "events.db")
-    await upload_dataset(store, data, "ds_test")
-    supervisor = RunnerSupervisor(settings, store, restart_delay=0.1)
-    await supervisor.start()
     train = dict(LONG, steps=40, save_checkpoints_at=[])
     try:
         await submit(store, "job_resumed", {"type": "dreambooth", "train": train})
-        async with asyncio.timeout(120):
-            while (await wait_state(store, "job_resumed", {"running", "failed"})).progress.step < 6:
-                await asyncio.sleep(0.05)
+        await _running_step(store, "job_resumed", past=5, poll=0.05)
         pid = supervisor.slots[0].pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
