@@ -273,12 +273,15 @@ class Runner:
         stream = job_stream(job.job_id)
         after = 0
         while not job.cancel.is_set():
+            # The head before the read: a commit landing after the read wakes the
+            # wait below at once instead of waiting for the next commit.
+            head = await self.store.head()
             for recorded in await self.store.read_stream(stream, after):
                 after = recorded.version
                 if recorded.type == "JobCancelRequested":
                     job.cancel.set()
                     return
-            await self.store.wait_for_new(await self.store.head(), timeout=5.0)
+            await self.store.wait_for_new(head, timeout=5.0)
 
     # ------------------------------------------------------------ the work (worker thread)
 
